@@ -27,6 +27,10 @@ Reference results (abstract; not reproduced here): ViT-S/16 linear 77.5 (+0.5 ov
 linear 79.8, fine-tune 84.0; COCO Mask R-CNN 44.3 AP box / 39.7 AP mask; ADE20K +1.0 mIoU over
 SelfPatch.
 
+Measured here (synthetic miniature, not the paper's protocol; README, `python bench.py quality
+--seeds 0 1`): at 96 steps DINO and ADCLR (ViT-micro/8) are still at random init; every probe
+predicts background (6.01 vs 6.02).
+
 Open choices (the paper does not fix them; defaults here):
 - --num-queries 10; --query-scale 0.05 0.25 (area fraction of the original image per query crop,
   the range of DINO's local crops); query crops get no photometric augmentation, only resizing to

@@ -11,6 +11,10 @@ the forward of the teacher's tensors, and a plain SGD step (no heads, no loss, n
 least any such method must compute. The overhead ratio is median(method) / median(floor), measured
 in one process so that it holds on a noisy machine. Each method runs in its own subprocess, so that
 its peak memory (CUDA max allocated, or CPU peak RSS) is its own.
+
+`loss` times each batched loss against a naive per-sample loop and against its floor: the one
+matrix product (or pass over the logits) any implementation must compute. naive / floor is the
+most batching can gain on the machine. `quality` runs the miniature reproduction of the README.
 """
 import argparse
 import copy
@@ -230,22 +234,34 @@ def speed(args):
 # =================================================================================================
 # loss: batched vs naive per-sample, at the papers' shapes
 # =================================================================================================
-def bench_losses():
+def bench_losses(repeats=5):
+    """Each batched loss against a naive per-sample loop, and against its floor: the one matrix
+    product (or pass over the logits) that any implementation must compute. Median of `repeats`."""
     import densecl
     import moco
     torch.manual_seed(0)
     T, K, D = 0.2, 65536, 128
     rows = []
 
-    def compare(name, batched, naive):
-        batched(), naive()  # warm-up: the first call pays one-time allocation and library start-up
-        t0 = time.perf_counter(); a = batched(); t1 = time.perf_counter(); b = naive(); t2 = time.perf_counter()
-        ok = torch.allclose(a, b, rtol=1e-4, atol=1e-4)
-        rows.append((name, t1 - t0, t2 - t1, ok))
+    def median_time(fn, n):
+        out = fn()  # warm-up: the first call pays one-time allocation and library start-up
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times), out
 
-    # MoCo v2: N = 256 images (the paper's global batch), queue 65536.
-    q, k = F.normalize(torch.randn(256, D), dim=1), F.normalize(torch.randn(256, D), dim=1)
+    def compare(name, batched, naive, floor=None):
+        tb, a = median_time(batched, repeats)
+        tn, b = median_time(naive, max(1, repeats // 2))
+        tf = median_time(floor, repeats)[0] if floor else None
+        rows.append((name, tb, tn, tf, torch.allclose(a, b, rtol=1e-4, atol=1e-4)))
+
+    # MoCo v2: N = 32 queries per GPU (the paper's 256 over 8 GPUs), queue 65536.
+    q, k = F.normalize(torch.randn(32, D), dim=1), F.normalize(torch.randn(32, D), dim=1)
     queue = F.normalize(torch.randn(D, K), dim=0)
+    logits_buf = torch.empty(32, K)
 
     def moco_naive():
         losses = []
@@ -253,12 +269,14 @@ def bench_losses():
             logits = torch.cat([(q[i] @ k[i]).view(1), q[i] @ queue]) / T
             losses.append(torch.logsumexp(logits, 0) - logits[0])
         return torch.stack(losses).mean()
-    compare("MoCo v2 InfoNCE (N=256, K=65536)", lambda: moco.infonce(q, k, queue, T), moco_naive)
+    compare("MoCo v2 InfoNCE (N=32, K=65536)", lambda: moco.infonce(q, k, queue, T), moco_naive,
+            lambda: torch.mm(q, queue, out=logits_buf))
 
     # DenseCL: B = 32 per GPU, S² = 49, D = 128, K = 65536, C = 2048 backbone channels.
     B, S2, C = 32, 49, 2048
     qf, kf = F.normalize(torch.randn(B, C, S2), dim=1), F.normalize(torch.randn(B, C, S2), dim=1)
     qg, kg = F.normalize(torch.randn(B, D, S2), dim=1), F.normalize(torch.randn(B, D, S2), dim=1)
+    q_flat, chunk_buf = qg.transpose(1, 2).reshape(B * S2, D), torch.empty(B * S2, 4096)
 
     def densecl_batched():
         return densecl.dense_loss(qg, kg, densecl.match_locations(qf, kf), queue, T)
@@ -271,7 +289,12 @@ def bench_losses():
                 logits = torch.cat([(qg[b, :, i] @ kg[b, :, j]).view(1), qg[b, :, i] @ queue]) / T
                 losses.append(torch.logsumexp(logits, 0) - logits[0])
         return torch.stack(losses).mean()
-    compare("DenseCL dense loss + matching (B=32, S²=49, K=65536)", densecl_batched, densecl_naive)
+
+    def densecl_floor():  # the matching product and the query-queue product, written to a reused buffer
+        torch.bmm(qf.transpose(1, 2), kf)
+        for c in range(0, K, 4096):
+            torch.mm(q_flat, queue[:, c:c + 4096], out=chunk_buf)
+    compare("DenseCL dense loss + matching (B=32, S²=49, K=65536)", densecl_batched, densecl_naive, densecl_floor)
 
     import adclr
     import decon
@@ -315,10 +338,12 @@ def bench_losses():
     p_ = F.normalize(torch.randn(128, 256), dim=1)
     targets = F.normalize(torch.randn(4096, 256), dim=1)
     labels = torch.randint(0, 4096, (128,))
+    mcl_buf = torch.empty(128, 4096)
 
     def mcl_naive():
         return torch.stack([torch.logsumexp(targets @ p_[i], 0) - targets[labels[i]] @ p_[i] for i in range(128)]).mean() * 2
-    compare("MCL level loss (S=128, N=4096, D=256)", lambda: mcl.level_loss(p_, targets, labels, 1.0), mcl_naive)
+    compare("MCL level loss (S=128, N=4096, D=256)", lambda: mcl.level_loss(p_, targets, labels, 1.0), mcl_naive,
+            lambda: torch.mm(p_, targets.T, out=mcl_buf))
 
     # DINO loss: V = 12 views (2 global + 10 local), B = 64 per GPU, K = 65536.
     V, Bd, Kd = 12, 64, 65536
@@ -334,13 +359,15 @@ def bench_losses():
                     total = total - (F.softmax((to[iq, b] - c) / 0.04, 0) * F.log_softmax(so[v, b] / 0.1, 0)).sum() / Bd
                 n += 1
         return total / n
-    compare("DINO loss (12 views, B=64, K=65536)", lambda: adclr.dino_loss(so, to, c, 0.1, 0.04), dino_naive)
+    compare("DINO loss (12 views, B=64, K=65536)", lambda: adclr.dino_loss(so, to, c, 0.1, 0.04), dino_naive,
+            lambda: torch.logsumexp(so, -1))  # normalising the student logits: one read and exp of each
 
-    print(f"\nCPU x{torch.get_num_threads()} threads, fp32\n")
-    print("| loss | batched (ms) | naive (ms) | speed-up | equal |")
-    print("|---|---|---|---|---|")
-    for name, tb, tn, ok in rows:
-        print(f"| {name} | {tb * 1e3:.1f} | {tn * 1e3:.1f} | {tn / tb:.0f}x | {ok} |")
+    print(f"\nCPU x{torch.get_num_threads()} threads, fp32, median of {repeats} (naive: {max(1, repeats // 2)})\n")
+    print("| loss | batched (ms) | naive (ms) | speed-up | floor (ms) | ceiling: naive / floor | equal |")
+    print("|---|---|---|---|---|---|---|")
+    for name, tb, tn, tf, ok in rows:
+        floor = f"{tf * 1e3:.1f} | {tn / tf:.0f}x" if tf else "- | -"
+        print(f"| {name} | {tb * 1e3:.1f} | {tn * 1e3:.1f} | {tn / tb:.0f}x | {floor} | {ok} |")
     return rows
 
 
@@ -384,9 +411,10 @@ def bench_data(args):
 def quality_commands(seed, out):
     """The exact command lines of the miniature reproduction for one seed: every method gets the
     same small budget (ResNet-18 or ViT-micro, 64 px, batch 32, 3 epochs of 1024 scenes), then the
-    same probe (64 px, output stride 8, 300 iterations)."""
+    same probe (64 px, output stride 8, 300 iterations). Each pre-training also runs for one step
+    only (`<method>-step1`), so the table can say how far the budget moved each encoder."""
     R = f"--arch resnet18 --image-size 64 --batch-size 32 --epochs 3 --synthetic-len 1024 --seed {seed} --workers 2"
-    V = (f"--arch vit_micro --global-size 64 --local-size 32 --local-crops 2 --out-dim 4096 --batch-size 32 --epochs 3 "
+    V = (f"--arch vit_micro --patch-size 8 --global-size 64 --local-size 32 --local-crops 2 --out-dim 4096 --batch-size 32 --epochs 3 "
          f"--synthetic-len 1024 --seed {seed} --workers 2 --warmup-epochs 1 --warmup-teacher-temp-epochs 1 --lr 0.002")
     pre = {"moco": f"moco.py {R} --queue-size 1024 --momentum 0.99 --lr 0.06",
            "densecl": f"densecl.py {R} --queue-size 1024 --momentum 0.99 --lr 0.06",
@@ -397,33 +425,67 @@ def quality_commands(seed, out):
     probe = ("--task probe --synthetic-size 64 --crop-size 64 --output-stride 8 --iters 300 --batch-size 16 --lr 0.1 "
              f"--weight-decay 0 --synthetic-train 2000 --synthetic-val 200 --workers 2 --seed {seed}")
     cmds = [(m, f"{c} --output-dir {out}/s{seed}/{m}") for m, c in pre.items()]
+    # The same runs stopped after one step: how far the budget moved each encoder (see quality()).
+    cmds += [(f"{m}-step1", f"{c} --max-steps 1 --output-dir {out}/s{seed}/{m}-step1") for m, c in pre.items()]
     for m in ("random", *pre):
         arch = "vit_micro" if m in ("adclr", "dino") else "resnet18"
         init = "random" if m == "random" else f"{out}/s{seed}/{m}"
         cmds.append((f"probe-{m}", f"eval_dense.py --init {init} --arch {arch} {probe} --output-dir {out}/s{seed}/probe-{m}"))
-    cmds.append(("probe-random-vit", f"eval_dense.py --init random --arch vit_micro {probe} --output-dir {out}/s{seed}/probe-random-vit"))
+    cmds.append(("probe-random-vit", f"eval_dense.py --init random --arch vit_micro --patch-size 8 {probe} "
+                                     f"--output-dir {out}/s{seed}/probe-random-vit"))
+    # DeCon's claim is about the decoder: fine-tune an FPN with and without the pre-trained one.
+    ft = ("--task finetune --head fpn --synthetic-size 64 --crop-size 64 --iters 200 --batch-size 16 "
+          f"--synthetic-train 2000 --synthetic-val 200 --workers 2 --seed {seed}")
+    for name, init, flag in (("ft-decon-decoder", "decon", "--init-decoder"), ("ft-decon", "decon", ""),
+                             ("ft-slotcon", "slotcon", "")):
+        cmds.append((name, f"eval_dense.py --init {out}/s{seed}/{init} {ft} {flag} --output-dir {out}/s{seed}/{name}"))
     return cmds
 
 
 def quality(args):
-    """Run every command of every seed (skipping finished ones), then print the table."""
+    """Run every command of every seed (skipping finished ones), then print the tables. Wall times
+    are kept in <out>/times.json, so a rerun prints the same table."""
     import json
     from pathlib import Path
-    times = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times_file = out / "times.json"
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    pre_names = {name for name, cmd in quality_commands(0, args.out) if not cmd.startswith("eval_dense.py")}
     for seed in args.seeds:
         for name, cmd in quality_commands(seed, args.out):
-            done = Path(cmd.split("--output-dir ")[1]) / ("metrics.json" if name.startswith("probe") else "downstream.pth")
-            if not done.exists():
-                t = time.perf_counter()
-                subprocess.run([sys.executable, *cmd.split()], check=True, capture_output=True)
-                times[(seed, name)] = time.perf_counter() - t
-    print("| method | probe mIoU (mean ± half-range) | seeds | pre-training time (s) |")
-    print("|---|---|---|---|")
-    for m in ("random", "random-vit", "moco", "densecl", "slotcon", "decon", "mcl", "dino", "adclr"):
-        vals = [json.loads((Path(args.out) / f"s{s}" / f"probe-{m}" / "metrics.json").read_text())["mIoU"] for s in args.seeds]
-        spent = [times.get((s, m)) for s in args.seeds if times.get((s, m))]
-        print(f"| {m} | {np.mean(vals):.2f} ± {(max(vals) - min(vals)) / 2:.2f} | {len(vals)} | "
-              f"{np.mean(spent):.0f} |" if spent else f"| {m} | {np.mean(vals):.2f} ± {(max(vals) - min(vals)) / 2:.2f} | {len(vals)} | - |")
+            done = Path(cmd.split("--output-dir ")[1]) / ("downstream.pth" if name in pre_names else "metrics.json")
+            if done.exists():
+                continue
+            print(f"seed {seed}: {name}", flush=True)
+            t = time.perf_counter()
+            result = subprocess.run([sys.executable, *cmd.split()], capture_output=True, text=True)
+            if result.returncode:
+                sys.exit(f"failed: python {cmd}\n{result.stderr[-3000:]}")
+            times[f"s{seed}/{name}"] = time.perf_counter() - t
+            times_file.write_text(json.dumps(times, indent=1))
+
+    def moved(run):
+        """Relative L2 distance of the backbone's weight matrices and kernels from their state after
+        step 1, in %: a run whose encoder barely moved cannot beat random init on the probe."""
+        a, b = (common.load_checkpoint(out / f"{run}{end}" / "downstream.pth")["backbone"] for end in ("-step1", ""))
+        keys = [k for k, v in a.items() if v.is_floating_point() and v.dim() >= 2]
+        return 100 * (sum(((b[k] - a[k]) ** 2).sum() for k in keys) / sum((a[k] ** 2).sum() for k in keys)).sqrt().item()
+
+    def row(label, run, pretrain=None):
+        vals = [json.loads((out / f"s{s}" / run / "metrics.json").read_text())["mIoU"] for s in args.seeds]
+        spent = [times[f"s{s}/{pretrain}"] for s in args.seeds if f"s{s}/{pretrain}" in times]
+        drift = f"{np.mean([moved(f's{s}/{pretrain}') for s in args.seeds]):.2f}" if pretrain in pre_names else "-"
+        print(f"| {label} | {np.mean(vals):.2f} ± {(max(vals) - min(vals)) / 2:.2f} | "
+              f"{' / '.join(f'{v:.2f}' for v in vals)} | {f'{np.mean(spent):.0f}' if spent else '-'} | {drift} |")
+    seeds = ", ".join(map(str, args.seeds))
+    print(f"\n| method | probe mIoU (mean ± half-range) | seeds {seeds} | pre-training time (s) | encoder moved (%) |"
+          "\n|---|---|---|---|---|")
+    for m in ("random", "moco", "densecl", "slotcon", "decon", "mcl", "random-vit", "dino", "adclr"):
+        row(m, f"probe-{m}", m)
+    print(f"\n| FPN fine-tune | mIoU (mean ± half-range) | seeds {seeds} | - | - |\n|---|---|---|---|---|")
+    for m in ("ft-decon-decoder", "ft-decon", "ft-slotcon"):
+        row(m, m)
 
 
 if __name__ == "__main__":

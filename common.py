@@ -82,9 +82,9 @@ def synthetic_scene(index, seed=0, size=224):
     noise = rng.normal(0, 20, (cells, cells, 1)).astype(np.float32)
     img += noise.repeat(block, 0).repeat(block, 1)[:size, :size]
     label = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(3, 7)):  # 3-6 objects: about 45% of the pixels are foreground
         cls = int(rng.integers(len(SHAPES)))
-        rad = rng.uniform(0.12, 0.3) * size
+        rad = rng.uniform(0.2, 0.4) * size
         cx, cy = rng.uniform(0, size, 2)
         ang = rng.uniform(0, 2 * np.pi)
         colour = rng.uniform(0, 255, 3).astype(np.float32)

@@ -22,6 +22,9 @@ Reference results (DenseCL README, not reproduced here): COCO 800 ep -> VOC det 
 mIoU 67.5 (MoCo v2 in the same setting: 54.7 / 64.5); ImageNet 200 ep -> VOC det AP 58.7, VOC seg
 69.4. Over MoCo v2: +2.0 AP VOC det, +1.1 AP COCO det, +0.9 AP COCO mask, +3.0 mIoU VOC seg.
 
+Measured here (synthetic miniature, not the paper's protocol; README, `python bench.py quality
+--seeds 0 1`): probe mIoU 7.28 ± 0.23, above MoCo v2 (7.01 ± 0.28) on both seeds; random init 6.58.
+
 Expected behaviour: both losses rise for the first few hundred steps while the queues fill with
 real keys, then fall.
 
@@ -187,12 +190,15 @@ class QueueInfoNCE(torch.autograd.Function):
             l_pos = (qs * k).sum(1)  # (M,)
             z = torch.exp(l_pos - shift)  # (M,): softmax denominator, shifted, positive first
             u = z[:, None] * k  # (M, D): sum_j exp(l_j - shift) x_j
+            grad = ctx.needs_input_grad[0]  # without it (evaluation, bench.py loss) u is not needed
             for c in range(0, queue.shape[1], chunk):  # chunks of the queue, not of images or locations
                 keys = queue[:, c:c + chunk]  # (D, chunk)
                 e = (qs @ keys).sub_(shift).exp_()  # (M, chunk)
                 z += e.sum(1)
-                u.addmm_(e, keys.T)
-            ctx.save_for_backward(((u / z[:, None] - k) / (temperature * q.shape[0])).to(q.dtype))
+                if grad:
+                    u.addmm_(e, keys.T)
+            if grad:
+                ctx.save_for_backward(((u / z[:, None] - k) / (temperature * q.shape[0])).to(q.dtype))
             return (torch.log(z) + shift - l_pos).mean()
 
     @staticmethod

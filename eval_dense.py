@@ -65,6 +65,7 @@ def get_args(argv=None):
     p.add_argument("--task", default="probe", choices=["probe", "finetune"])
     p.add_argument("--head", default="fcn", choices=["fcn", "fpn"], help="finetune head")
     p.add_argument("--init-decoder", action="store_true", help="initialise the FPN head from the pre-trained decoder")
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch (default: from --init's metadata, else 16)")
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32], help="dilated ResNet (protocol: 8)")
     p.add_argument("--data", default="synthetic", choices=["synthetic", "voc", "cityscapes", "ade20k"])
     p.add_argument("--data-root", default=common.default_data_root())
@@ -512,7 +513,7 @@ def main(argv=None):
     train_loader, val_loader, num_classes, names = build_data(args, device)
     levels = (meta.get("decoder_cfg") or {}).get("levels", ["p2"]) if args.init_decoder else ["p2"]
     model = Segmenter(arch, args.task, args.head, num_classes, args.output_stride, fpn_levels=levels,
-                      patch_size=meta.get("patch_size", 16), img_size=meta.get("img_size", 224)).to(device)
+                      patch_size=args.patch_size or meta.get("patch_size", 16), img_size=meta.get("img_size", 224)).to(device)
     if backbone_state is not None:
         missing, unexpected = model.backbone.load_state_dict(backbone_state, strict=False)
         if missing or unexpected:
@@ -566,7 +567,8 @@ def main(argv=None):
 
     results = evaluate(model, val_loader, num_classes, names, args, dtype, device, out / "predictions.png")
     results.update(task=args.task, head=args.head, init=args.init, method=meta.get("method"), arch=arch,
-                   data=args.data, iters=args.iters, init_decoder=args.init_decoder)
+                   data=args.data, iters=args.iters, init_decoder=args.init_decoder,
+                   patch_size=model.backbone.patch_size if model.vit else None)
     if common.is_main():
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
         print("\n| class | IoU |\n|---|---|")

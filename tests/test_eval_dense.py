@@ -169,3 +169,11 @@ def test_init_decoder_without_decoder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="holds no pre-trained FPN decoder"):
         ev.main(["--init", str(path), "--task", "finetune", "--head", "fpn", "--init-decoder", *TINY_EVAL,
                  "--output-dir", str(tmp_path / "x")])
+
+
+def test_random_vit_probe_takes_the_patch_size(tmp_path):
+    # A random ViT has no metadata: --patch-size must reach the model (bench.py quality probes ViTs at /8).
+    python("eval_dense.py", "--init", "random", "--arch", "vit_micro", "--patch-size", "8", "--synthetic-size", "32",
+           "--crop-size", "32", "--synthetic-train", "8", "--synthetic-val", "4", "--iters", "1", "--batch-size", "4",
+           "--workers", "0", "--output-dir", tmp_path / "ev")
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["patch_size"] == 8
