@@ -24,8 +24,9 @@ Backbones: ResNet-18/50 (probe and fine-tuning) and the ViTs of adclr.py (probe 
 tokens, at the patch stride).
 
 Initialisation (--init): `random`; a run folder or its downstream.pth (method, arch and decoder are
-read from the file); or a torchvision-style ResNet state dict file (`module.`/`backbone.` prefixes
-and `fc.*` are dropped). Nothing is downloaded.
+read from the file); or the authors' released checkpoints of MoCo, DenseCL/OpenSelfSup, SlotCon,
+MCL and DINO/ADCLR, or a plain state dict (weights.py lists the layouts). Every backbone tensor
+must be found. Nothing is downloaded. --export writes detectron2, torchvision or timm files.
 
 Data (--data): synthetic (default; 9 classes incl. background), voc, cityscapes, ade20k; see the
 README for layouts. Metrics: mIoU, per-class IoU and pixel accuracy from a confusion matrix summed
@@ -41,7 +42,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -54,6 +54,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import common
+import weights
 
 
 # =================================================================================================
@@ -85,6 +86,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="global batch (protocol: 16)")
     p.add_argument("--lr", type=float, default=0.01, help="lr, poly 0.9 (protocol: SGD 0.01)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="(protocol: SGD, momentum 0.9)")
+    p.add_argument("--val-resize", type=int, nargs=2, metavar=("SHORT", "LONG"), default=None,
+                   help="test-time resize to fit SHORT x LONG, ratio kept (VOC protocol: 512 2048); default: native size")
     p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0),
                    help="random rescaling of training images before the crop (protocol: 0.5 2.0)")
     p.add_argument("--weight-decay", type=float, default=None, help="(default: the protocol's 5e-4 for finetune, 0 for the probe)")
@@ -98,7 +101,8 @@ def get_args(argv=None):
     p.add_argument("--output-dir", default=None,
                    help="default: runs/eval/<init>-<task>[-<head>]-<data>-<hash of every result-changing argument>")
     p.add_argument("--allow-arg-changes", action="store_true", help="resume although result-changing arguments differ")
-    p.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"), help="detectron2 OUT.pkl | torchvision OUT.pth, then exit")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"),
+                   help="detectron2 OUT.pkl | torchvision OUT.pth | timm OUT.pth (ViTs), then exit")
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("iters", "batch_size", "lr", "crop_size", "synthetic_train", "synthetic_val",
                                          "synthetic_size", "log_every", "save_every"),
@@ -116,109 +120,6 @@ def get_args(argv=None):
         head = f"-{args.head}" + ("-decoder" if args.init_decoder else "") if args.task == "finetune" else ""
         args.output_dir = f"runs/eval/{init}-{args.task}{head}-{args.data}-{digest}"
     return args
-
-
-# =================================================================================================
-# Initialisation from any method's output, and export
-# =================================================================================================
-def load_init(init):
-    """(backbone state dict or None, downstream metadata dict) for --init."""
-    if init == "random":
-        return None, {"method": "random"}
-    path = Path(init)
-    if path.is_dir():
-        path = path / "downstream.pth"
-    if not path.exists():
-        raise FileNotFoundError(f"--init {init}: {path} does not exist. Give a run folder (with downstream.pth), "
-                                f"a downstream.pth, a torchvision ResNet state dict, or 'random'.")
-    obj = common.load_checkpoint(path)
-    if isinstance(obj, dict) and obj.get("format") == "dense-ssl-downstream-v1":
-        return obj["backbone"], obj
-    if isinstance(obj, dict) and "step" in obj and "args" in obj:  # a training checkpoint: use its sibling
-        return load_init(str(path.parent / "downstream.pth"))
-    state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
-    clean = {}
-    for k, v in state.items():
-        for prefix in ("module.", "backbone.", "encoder_q.0.", "encoder.", "model."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        if not k.startswith("fc."):
-            clean[k] = v
-    return clean, {"method": "torchvision-state-dict", "path": str(path)}
-
-
-def load_backbone(backbone, state, arch, meta, init):
-    """Load a backbone state dict, every tensor of it: names and shapes are compared first, so a
-    mismatch says what the file holds instead of a page of size mismatches."""
-    own = backbone.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        stored = meta.get("arch", "not recorded")
-        raise SystemExit(f"--init {init} does not fit a {arch} (the file's architecture: {stored}): "
-                         f"{len(missing)} missing tensors {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                         f"{len(wrong)} of other shape {wrong[:3]}. Pass the right --arch"
-                         + (f" ({stored})" if stored != "not recorded" else "") + ".")
-    backbone.load_state_dict(state, strict=True)
-
-
-def to_detectron2(backbone, decoder=None, region_head_convs=None):
-    """Rename a torchvision ResNet (and a DeCon/MCL FPN, and MCL's region-head convs) state dict to
-    detectron2's names, as numpy arrays."""
-    out = {}
-    for k, v in backbone.items():
-        if "num_batches_tracked" in k:
-            continue
-        name = k
-        if name.startswith("conv1.") or name.startswith("bn1."):
-            name = "stem." + name.replace("bn1.", "conv1.norm.")
-        else:
-            name = name.replace("layer1.", "res2.").replace("layer2.", "res3.").replace("layer3.", "res4.").replace("layer4.", "res5.")
-            for i in (1, 2, 3):
-                name = name.replace(f".bn{i}.", f".conv{i}.norm.")
-            name = name.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")
-        out[name] = v.numpy()
-    for k, v in (decoder or {}).items():
-        if "num_batches_tracked" in k:
-            continue
-        kind, level, layer, param = k.split(".")  # lateral.0.1.weight (C2) or output.p2.1.weight
-        level = int(level) + 2 if kind == "lateral" else int(level[1:])
-        name = f"fpn_{kind}{level}" + (".norm" if layer == "1" else "") + f".{param}"
-        out[name] = v.numpy()
-    for k, v in (region_head_convs or {}).items():
-        # MCL's converter: the region head's 4 conv-BN pairs -> the 4conv1fc box head's conv1-4
-        # (convs at Sequential index 0, 3, 6, 9; their BNs right after).
-        if "num_batches_tracked" in k:
-            continue
-        index, param = k.split(".")
-        conv, is_norm = divmod(int(index), 3)
-        out[f"roi_heads.box_head.conv{conv + 1}" + (".norm" if is_norm else "") + f".{param}"] = v.numpy()
-    return out
-
-
-def export(args):
-    """--export detectron2 OUT.pkl | torchvision OUT.pth."""
-    fmt, path = args.export
-    backbone, meta = load_init(args.init)
-    if backbone is None:
-        raise SystemExit("--export needs --init pointing at pre-trained weights")
-    if str(meta.get("arch", "")).startswith("vit"):
-        raise SystemExit(f"--export: {meta['arch']} is a ViT; the detectron2/torchvision exports are for ResNets "
-                         f"(the backbone state dict in {args.init} already uses timm/DINO names)")
-    if fmt == "detectron2":
-        model = to_detectron2(backbone, meta.get("decoder") if meta.get("decoder_cfg", {}) and
-                              meta["decoder_cfg"].get("type") == "fpn" else None, meta.get("region_head_convs"))
-        with open(path, "wb") as f:
-            pickle.dump({"model": model, "__author__": f"dense-ssl/{meta.get('method')}", "matching_heuristics": True}, f)
-    elif fmt == "torchvision":
-        import torchvision
-        arch = args.arch or meta.get("arch", "resnet50")
-        net = getattr(torchvision.models, arch)(weights=None)  # fc stays freshly initialised: pre-training has none
-        net.load_state_dict(backbone, strict=False)
-        torch.save(net.state_dict(), path)
-    else:
-        raise SystemExit(f"--export {fmt}: expected detectron2 or torchvision")
-    print(f"wrote {path} ({fmt}) from {args.init} ({meta.get('method')})")
 
 
 # =================================================================================================
@@ -251,12 +152,16 @@ def seg_pairs(data, root, split):
         base = root / "VOCdevkit" / "VOC2012"
         labels = base / "SegmentationClassAug" if (base / "SegmentationClassAug").is_dir() else base / "SegmentationClass"
         lists = base / "ImageSets" / "Segmentation"
-        list_file = lists / ("trainaug.txt" if split == "train" and labels.name.endswith("Aug") and (lists / "trainaug.txt").exists()
-                             else f"{split}.txt")
-        layout = f"{base}/JPEGImages/*.jpg, {base}/SegmentationClass[Aug]/*.png, {lists}/{{train,val}}.txt"
+        # the 10,582-image VOC-aug list goes by three names: ours, DeepLab's and mmsegmentation's
+        aug = [lists / n for n in ("trainaug.txt", "train_aug.txt", "aug.txt") if (lists / n).exists()]
+        list_file = aug[0] if split == "train" and labels.name.endswith("Aug") and aug else lists / f"{split}.txt"
+        layout = f"{base}/JPEGImages/*.jpg, {base}/SegmentationClass[Aug]/*.png, {lists}/{{train,val,trainaug}}.txt"
         if not list_file.exists() or not labels.is_dir():
             raise FileNotFoundError(f"--data voc: {list_file} or {labels} missing. Expected layout: {layout}")
         ids = list_file.read_text().split()
+        if list_file.name == "aug.txt":  # mmsegmentation's aug.txt holds the extra images only: add train.txt's
+            ids = sorted(set(ids) | set((lists / "train.txt").read_text().split()))
+        common.print0(f"--data voc {split}: {list_file.name}, {len(ids)} images, labels {labels.name}")
         return [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids], 21, None
     if data == "cityscapes":
         img_dir = root / "cityscapes" / "leftImg8bit" / split
@@ -332,13 +237,27 @@ def val_transform(img, label):
     return normalise(img), torch.from_numpy(np.asarray(label)).long()
 
 
+class ResizedVal:
+    """The protocols' test resize: the image scaled to fit (long, short) keeping its ratio (VOC:
+    (2048, 512), mmsegmentation's img_scale); the label stays at its size, logits are resized to it."""
+
+    def __init__(self, short, long):
+        self.short, self.long = short, long
+
+    def __call__(self, img, label):
+        s = min(self.short / min(img.size), self.long / max(img.size))
+        return val_transform(img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR), label)
+
+
 def pad_collate(batch):
-    """Pad a batch of differently sized images to a multiple of 32 (labels padded with ignore)."""
+    """Pad a batch of differently sized images to a multiple of 32 and their labels to the largest
+    label (with ignore); also returns each (image size, label size), which may differ (--val-resize)."""
     H = -(-max(x.shape[1] for x, _ in batch) // 32) * 32
     W = -(-max(x.shape[2] for x, _ in batch) // 32) * 32
+    h, w = max(y.shape[0] for _, y in batch), max(y.shape[1] for _, y in batch)
     xs = torch.stack([F.pad(x, (0, W - x.shape[2], 0, H - x.shape[1])) for x, _ in batch])
-    ys = torch.stack([F.pad(y, (0, W - y.shape[1], 0, H - y.shape[0]), value=IGNORE) for _, y in batch])
-    return xs, ys
+    ys = torch.stack([F.pad(y, (0, w - y.shape[1], 0, h - y.shape[0]), value=IGNORE) for _, y in batch])
+    return xs, ys, [(tuple(x.shape[1:]), tuple(y.shape)) for x, y in batch]
 
 
 def build_data(args, device):
@@ -354,9 +273,12 @@ def build_data(args, device):
         val_pairs, _, _ = seg_pairs(args.data, args.data_root, "val")
         train, val = SegFiles(pairs, lut, TrainTransform(args.crop_size, args.scale_range)), SegFiles(val_pairs, lut, val_transform)
         names = [str(i) for i in range(num_classes)]
+    if args.val_resize:
+        val.transform = ResizedVal(*args.val_resize)
     train_loader = common.make_loader(train, args.batch_per_rank, args.workers, args.seed, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    val_sampler = DistributedSampler(val, common.world_size(), rank, shuffle=False) if common.world_size() > 1 else None
+    # every validation image exactly once over the ranks (DistributedSampler would pad with repeats)
+    val_sampler = list(range(rank, len(val), common.world_size())) if common.world_size() > 1 else None
     val_loader = DataLoader(val, batch_size=max(1, args.batch_per_rank // 2), sampler=val_sampler,
                             num_workers=args.workers, collate_fn=pad_collate)
     return train_loader, val_loader, num_classes, names
@@ -402,6 +324,25 @@ class FCNHead(nn.Module):
         return self.classifier(y)
 
 
+class SimplePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (Li et al. 2022) from the last block's patch tokens (stride p):
+    strides p/4, p/2, p, 2p by two / one transposed 2x2 conv, identity, 2x2 max pool; then a 1x1 and
+    a 3x3 conv to `out` channels per level (BatchNorm where ViTDet uses LayerNorm). Returns [P2..P5]
+    for p = 16."""
+
+    def __init__(self, dim, out=256):
+        super().__init__()
+        up = lambda c_in, c_out: nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        self.scales = nn.ModuleList([nn.Sequential(up(dim, dim // 2), nn.BatchNorm2d(dim // 2), nn.GELU(), up(dim // 2, dim // 4)),
+                                     up(dim, dim // 2), nn.Identity(), nn.MaxPool2d(2)])
+        self.outputs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out),
+                                                   nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out))
+                                     for c in (dim // 4, dim // 2, dim, dim))
+
+    def forward(self, tokens):  # (B, D, h, w) -> 4 x (B, out, ...)
+        return [conv(scale(tokens)) for scale, conv in zip(self.scales, self.outputs)]
+
+
 class Segmenter(nn.Module):
     """Backbone + head. forward returns (logits, aux logits or None, dense features) at feature size.
     The probe (task probe) and the linear fine-tune (head linear) share one head: a BatchNorm without
@@ -413,12 +354,16 @@ class Segmenter(nn.Module):
         super().__init__()
         self.task, self.vit, self.probe_layers = task, arch.startswith("vit"), probe_layers
         self.head_type = "linear" if task == "probe" else head
-        if self.vit:  # ADCLR/DINO: the patch tokens
-            if self.head_type != "linear":
-                raise ValueError(f"--arch {arch}: ViT backbones support --task probe and --head linear")
+        if self.vit:  # ADCLR/DINO: the patch tokens, or a simple feature pyramid built from them
+            if self.head_type == "fcn":
+                raise ValueError(f"--arch {arch}: ViT backbones take --head linear or fpn (a simple feature pyramid)")
             self.backbone = common.ViT(arch, patch_size, img_size)
-            self.head = nn.Sequential(nn.BatchNorm2d(self.backbone.embed_dim, affine=False),
-                                      nn.Conv2d(self.backbone.embed_dim, num_classes, 1))
+            dim = self.backbone.embed_dim
+            if self.head_type == "fpn":
+                self.decoder = SimplePyramid(dim, 256)
+                self.head = nn.Sequential(conv_bn_relu(256, 256), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
+            else:
+                self.head = nn.Sequential(nn.BatchNorm2d(dim, affine=False), nn.Conv2d(dim, num_classes, 1))
             return
         self.backbone = dilate(common.ResNetTrunk(arch, pyramid=True), output_stride if head != "fpn" or task == "probe" else 32)
         c = self.backbone.channels
@@ -450,6 +395,9 @@ class Segmenter(nn.Module):
             with torch.set_grad_enabled(self.task == "finetune" and torch.is_grad_enabled()):  # the probe: frozen
                 feat = self.features(x)
             return self.head(feat), None, feat
+        if self.vit:  # fpn on the simple pyramid's stride-p/4 level
+            p2 = self.decoder(self.features(x))[0]
+            return self.head(p2), None, p2
         feats = self.backbone(x)
         if self.head_type == "fcn":
             return self.head(feats[3]), self.aux(feats[2]) if self.aux is not None and self.training else None, feats[3]
@@ -524,15 +472,16 @@ def evaluate(model, loader, num_classes, names, args, dtype, device, pictures_pa
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     rows = []
-    for x, y in common.progress(loader, 0, 1):
+    for x, y, sizes in common.progress(loader, 0, 1):
         x, y = x.to(device), y.to(device)
         with common.autocast(device, dtype):
             logits, _, feat = model(x)
-        pred = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-        conf += confusion(pred, y, num_classes)
-        if pictures_path and len(rows) < args.pictures:
-            for i in range(min(len(x), args.pictures - len(rows))):
-                rows.append((x[i].cpu(), y[i].cpu(), pred[i].cpu(), feat[i].cpu()))
+        logits = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        for i, ((h, w), (lh, lw)) in enumerate(sizes):  # each image's own area, at its label's size
+            pred = F.interpolate(logits[i:i + 1, :, :h, :w], size=(lh, lw), mode="bilinear", align_corners=False).argmax(1)[0]
+            conf += confusion(pred, y[i, :lh, :lw], num_classes)
+            if pictures_path and len(rows) < args.pictures:
+                rows.append((x[i, :, :h, :w].cpu(), y[i, :lh, :lw].cpu(), pred.cpu(), feat[i].cpu()))
     if common.world_size() > 1:
         dist.all_reduce(conf)
     if pictures_path and common.is_main() and rows:
@@ -601,14 +550,14 @@ def train_step(x, y, model, optimizer, scaler, args, dtype, device):
 def main(argv=None):
     args = get_args(argv)
     if args.export:
-        return export(args)
+        return weights.export(args)
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
     out = common.prepare_output(args, __file__)
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
 
-    backbone_state, meta = load_init(args.init)
+    backbone_state, meta = weights.load_init(args.init)
     arch = args.arch or meta.get("arch") or "resnet50"
     train_loader, val_loader, num_classes, names = build_data(args, device)
     levels = (meta.get("decoder_cfg") or {}).get("levels", ["p2"]) if args.init_decoder else ["p2"]
@@ -617,13 +566,15 @@ def main(argv=None):
                       patch_size=args.patch_size or meta.get("patch_size", 16), img_size=img_size,
                       probe_layers=args.probe_layers).to(device)
     if backbone_state is not None:
-        load_backbone(model.backbone, backbone_state, arch, meta, args.init)
+        weights.load_backbone(model.backbone, backbone_state, arch, meta, args.init)
     if args.init_decoder:
         if meta.get("decoder") is None or (meta.get("decoder_cfg") or {}).get("type") != "fpn":
             raise ValueError(f"--init-decoder: {args.init} holds no pre-trained FPN decoder (method {meta.get('method')})")
         model.decoder.load_state_dict(meta["decoder"], strict=True)
     if args.task == "probe":
         model.backbone.requires_grad_(False).eval()
+    else:  # the papers' detectron2/mmsegmentation configs use SyncBN (under torchrun on CUDA)
+        model = common.sync_batchnorm(model, True)
     common.print0(f"eval_dense | {args.task} ({args.head if args.task == 'finetune' else 'linear'}) | init "
                   f"{args.init} ({meta.get('method')}, {arch}) | {args.data}: {num_classes} classes, "
                   f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val | {args.iters} iters | device {device}")

@@ -158,7 +158,8 @@ class Online(nn.Module):
 
     def forward(self, canvases, plan):
         """One branch. canvases: (N, 3, H, W), the montages of every ratio in plan order; plan:
-        [(r, count)] per level. Returns per level the embeddings of its count·r² tiles in slot order.
+        [(r, count)] per level (both made by build_montages, in the Montage section below). Returns
+        per level the embeddings of its count·r² tiles in slot order.
         The region head runs once per level (its BatchNorms see one level at a time): on every
         window of every canvas at that FPN map (official), or only on this level's own canvases."""
         pyramid = self.fpn(self.encoder(canvases))  # [P2, P3, P4, P5], BN statistics over this branch
@@ -287,7 +288,9 @@ def level_loss(pred, targets, labels, temperature):
 
     pred: (S, D) normalised predictions of S tiles; targets: (N, D) normalised target embeddings
     of the other branch (all ranks); labels: (S,) global index of each tile's source image.
-    Scaled by 2T as the official head (so that T changes the sharpness, not the gradient scale)."""
+    Scaled by 2T as the official head (so that T changes the sharpness, not the gradient scale).
+    T = 1.0 and the level weights 1/2, 1/4, 1/8, 1/8 are the paper's: the full image weighs most,
+    the small tiles, harder and noisier, least."""
     return F.cross_entropy(pred @ targets.T / temperature, labels) * 2 * temperature
 
 

@@ -1,0 +1,213 @@
+"""Weights in and out: this project's downstream.pth, the authors' own released checkpoints, and the
+files detectron2, torchvision and timm load. Used by eval_dense.py (--init, --export).
+
+Layouts read (key names and nesting as the official code saves them, read from that code):
+
+| layout | top level | backbone keys | also read |
+|---|---|---|---|
+| this project | `{"format": "dense-ssl-downstream-v1", "backbone", "decoder", ...}` | torchvision names | decoder, MCL region-head convs |
+| MoCo (main_moco.py) | `{"epoch", "arch", "state_dict", "optimizer"}` | `module.encoder_q.*` (the query encoder) | - |
+| OpenSelfSup (DenseCL, MCL; mmcv) | `{"meta", "state_dict", "optimizer"}` | `backbone.*` (the online / query encoder) | MCL: FPN `encoder_q.1.*`, region head `encoder_q.2.cls_convs.*` |
+| DenseCL converted (extract_backbone_weights.py) | `{"state_dict", "author"}` | torchvision names | - |
+| SlotCon (main_pretrain.py) | `{"opt", "model", "optimizer", "scheduler", "epoch"}` | `module.encoder_k.*` (the teacher) | - |
+| DINO / ADCLR-PQCL (main_dino.py) | `{"student", "teacher", "optimizer", "epoch", "args", "dino_loss"}` | `teacher`'s `backbone.*` | - |
+| a plain state dict | tensors | torchvision or timm/DINO names (`module.` dropped) | - |
+
+DeCon's decoder: the DeCon repository could not be read for this project, so its decoder's key
+names are not known here; its teacher encoder reads as SlotCon's. Whatever the layout, every tensor
+of the backbone must be found: a partial match is refused, never exported or evaluated.
+"""
+import argparse
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+import common
+
+RESNET_DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34/50", (3, 4, 23, 3): "resnet101"}
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True, allowing argparse.Namespace (SlotCon and DINO store their
+    arguments as one): a plain record of values, no code."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return common.load_checkpoint(path)
+
+
+def infer_arch(state):
+    """The architecture a backbone state dict belongs to: resnet18/34/50/101 or a ViT (None if unknown)."""
+    if "cls_token" in state and "pos_embed" in state:
+        dim = state["cls_token"].shape[-1]
+        return {96: "vit_micro", 192: "vit_tiny", 384: "vit_small", 768: "vit_base"}.get(dim)
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
+    arch = RESNET_DEPTHS.get(blocks)
+    if arch == "resnet34/50":
+        arch = "resnet50" if "layer1.0.conv3.weight" in state else "resnet34"
+    return arch
+
+
+def _strip(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _mmcv_fpn(state, prefix):
+    """OpenSelfSup's FPN (mmcv ConvModules: lateral_convs.i / fpn_convs.i with .conv and .bn) in
+    common.FPN's names (lateral.i.0/1, output.p{i+2}.0/1)."""
+    out = {}
+    for k, v in _strip(state, prefix).items():
+        m = re.match(r"(lateral_convs|fpn_convs)\.(\d)\.(conv|bn)\.(.+)", k)
+        if m:
+            kind, i, layer, param = m.groups()
+            head = f"lateral.{i}" if kind == "lateral_convs" else f"output.p{int(i) + 2}"
+            out[f"{head}.{0 if layer == 'conv' else 1}.{param}"] = v
+    return out
+
+
+def _mmcv_region_head(state, prefix):
+    """MCL's region-head convs (cls_convs.i.conv/.bn) in mcl.RegionHead.convs' names (3i / 3i+1)."""
+    out = {}
+    for k, v in _strip(state, prefix).items():
+        m = re.match(r"cls_convs\.(\d)\.(conv|bn)\.(.+)", k)
+        if m:
+            i, layer, param = m.groups()
+            out[f"{3 * int(i) + (0 if layer == 'conv' else 1)}.{param}"] = v
+    return out
+
+
+def load_init(init):
+    """(backbone state dict or None, metadata) for --init: `random`, a run folder, this project's
+    downstream.pth, or one of the official layouts above (detected from its keys)."""
+    if init == "random":
+        return None, {"method": "random"}
+    path = Path(init)
+    if path.is_dir():
+        path = path / "downstream.pth"
+    if not path.exists():
+        raise FileNotFoundError(f"--init {init}: {path} does not exist. Give a run folder (with downstream.pth), "
+                                f"a downstream.pth, an official checkpoint (README: Use the authors' weights) or 'random'.")
+    obj = read_checkpoint(path)
+    if not isinstance(obj, dict):
+        raise SystemExit(f"--init {init}: {path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    if obj.get("format") == "dense-ssl-downstream-v1":
+        return obj["backbone"], obj
+    if "step" in obj and "args" in obj:  # one of this project's training checkpoints: use its sibling
+        return load_init(str(path.parent / "downstream.pth"))
+    meta = {"path": str(path)}
+    if "teacher" in obj and isinstance(obj["teacher"], dict):  # DINO / ADCLR (PQCL): the teacher
+        teacher = {k.removeprefix("module."): v for k, v in obj["teacher"].items()}
+        return _found(_strip(teacher, "backbone."), dict(meta, method="dino-layout (teacher)"), path)
+    if "model" in obj and any(k.startswith("module.encoder_k.") for k in obj["model"]):  # SlotCon: the teacher
+        return _found(_strip(obj["model"], "module.encoder_k."), dict(meta, method="slotcon-layout (teacher)"), path)
+    state = obj.get("state_dict", obj)
+    if any(k.startswith("module.encoder_q.") for k in state):  # MoCo: the query encoder, without its fc head
+        backbone = {k: v for k, v in _strip(state, "module.encoder_q.").items() if not k.startswith("fc.")}
+        return _found(backbone, dict(meta, method="moco-layout (query encoder)"), path)
+    if any(k.startswith("encoder_q.1.lateral_convs.") for k in state):  # MCL (OpenSelfSup): the online network
+        fpn = _mmcv_fpn(state, "encoder_q.1.")
+        meta.update(method="mcl-layout (online network)", decoder=fpn, region_head_convs=_mmcv_region_head(state, "encoder_q.2."),
+                    decoder_cfg={"type": "fpn", "levels": sorted({k.split(".")[1] for k in fpn if k.startswith("output.")})})
+        return _found(_strip(state, "backbone."), meta, path)
+    if any(k.startswith("backbone.") for k in state):  # OpenSelfSup (DenseCL): model.backbone, the query encoder
+        return _found(_strip(state, "backbone."), dict(meta, method="openselfsup-layout (backbone)"), path)
+    plain = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+    return _found({k: v for k, v in plain.items() if not k.startswith(("fc.", "head."))},
+                  dict(meta, method="state-dict"), path)
+
+
+def _found(backbone, meta, path):
+    """Record the architecture the tensors belong to; refuse a file with no backbone in it."""
+    if not backbone:
+        raise SystemExit(f"--init {path}: no backbone tensors found ({meta['method']}); see the layouts in weights.py")
+    meta.setdefault("arch", infer_arch(backbone))
+    return backbone, meta
+
+
+def load_backbone(backbone, state, arch, meta, init):
+    """Load a backbone state dict, every tensor of it: names and shapes are compared first, so a
+    mismatch says what the file holds instead of a page of size mismatches."""
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        stored = meta.get("arch") or "not recorded"
+        raise SystemExit(f"--init {init} does not fit a {arch} (the file's architecture: {stored}; layout "
+                         f"{meta.get('method')}): {len(missing)} missing tensors {missing[:3]}, {len(unexpected)} "
+                         f"unexpected {unexpected[:3]}, {len(wrong)} of other shape {wrong[:3]}. Pass the right --arch"
+                         + (f" ({stored})" if stored != "not recorded" else "") + ".")
+    backbone.load_state_dict(state, strict=True)
+
+
+def to_detectron2(backbone, decoder=None, region_head_convs=None):
+    """Rename a torchvision ResNet (and a DeCon/MCL FPN, and MCL's region-head convs) state dict to
+    detectron2's names, as numpy arrays."""
+    out = {}
+    for k, v in backbone.items():
+        if "num_batches_tracked" in k:
+            continue
+        name = k
+        if name.startswith("conv1.") or name.startswith("bn1."):
+            name = "stem." + name.replace("bn1.", "conv1.norm.")
+        else:
+            name = name.replace("layer1.", "res2.").replace("layer2.", "res3.").replace("layer3.", "res4.").replace("layer4.", "res5.")
+            for i in (1, 2, 3):
+                name = name.replace(f".bn{i}.", f".conv{i}.norm.")
+            name = name.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")
+        out[name] = v.numpy()
+    for k, v in (decoder or {}).items():
+        if "num_batches_tracked" in k:
+            continue
+        kind, level, layer, param = k.split(".")  # lateral.0.1.weight (C2) or output.p2.1.weight
+        level = int(level) + 2 if kind == "lateral" else int(level[1:])
+        name = f"fpn_{kind}{level}" + (".norm" if layer == "1" else "") + f".{param}"
+        out[name] = v.numpy()
+    for k, v in (region_head_convs or {}).items():
+        # MCL's converter: the region head's 4 conv-BN pairs -> the 4conv1fc box head's conv1-4
+        # (convs at Sequential index 0, 3, 6, 9; their BNs right after).
+        if "num_batches_tracked" in k:
+            continue
+        index, param = k.split(".")
+        conv, is_norm = divmod(int(index), 3)
+        out[f"roi_heads.box_head.conv{conv + 1}" + (".norm" if is_norm else "") + f".{param}"] = v.numpy()
+    return out
+
+
+TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+
+
+def export(args):
+    """--export detectron2 OUT.pkl | torchvision OUT.pth | timm OUT.pth: only weights of which every
+    backbone tensor was found in --init (the backbone is rebuilt and loaded strictly first)."""
+    fmt, path = args.export
+    backbone, meta = load_init(args.init)
+    if backbone is None:
+        raise SystemExit("--export needs --init pointing at pre-trained weights")
+    arch = args.arch or meta.get("arch") or "resnet50"
+    vit = arch.startswith("vit")
+    net = common.ViT(arch, meta.get("patch_size", 16), meta.get("img_size", 224)) if vit else common.ResNetTrunk(arch)
+    load_backbone(net, backbone, arch, meta, args.init)  # all or nothing
+    if fmt == "timm":
+        if not vit:
+            raise SystemExit(f"--export timm is for ViTs; {arch} is a ResNet (use torchvision or detectron2)")
+        if arch not in TIMM_NAMES or meta.get("patch_size", 16) != 16:
+            raise SystemExit(f"--export timm: {arch}/{meta.get('patch_size', 16)} has no timm model (vit_tiny/small/base, patch 16)")
+        torch.save(net.state_dict(), path)  # the names are timm's: timm.create_model(name, num_classes=0) loads it strictly
+    elif vit:
+        raise SystemExit(f"--export {fmt}: {arch} is a ViT; use --export timm")
+    elif fmt == "detectron2":
+        decoder = meta.get("decoder") if (meta.get("decoder_cfg") or {}).get("type") == "fpn" else None
+        model = to_detectron2(net.state_dict(), decoder, meta.get("region_head_convs"))
+        with open(path, "wb") as f:
+            pickle.dump({"model": model, "__author__": f"dense-ssl/{meta.get('method')}", "matching_heuristics": True}, f)
+    elif fmt == "torchvision":
+        import torchvision
+        tv = getattr(torchvision.models, arch)(weights=None)  # fc stays freshly initialised: pre-training has none
+        missing, unexpected = tv.load_state_dict(net.state_dict(), strict=False)
+        assert missing == ["fc.weight", "fc.bias"] and not unexpected, (missing, unexpected)
+        torch.save(tv.state_dict(), path)
+    else:
+        raise SystemExit(f"--export {fmt}: expected detectron2, torchvision or timm")
+    print(f"wrote {path} ({fmt}, {arch}) from {args.init} ({meta.get('method')})"
+          + (f"; load it with timm.create_model('{TIMM_NAMES[arch]}', num_classes=0)" if fmt == "timm" else ""))
