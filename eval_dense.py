@@ -33,10 +33,14 @@ README for layouts. Metrics: mIoU, per-class IoU and pixel accuracy from a confu
 over all ranks, written to <output-dir>/metrics.json. Pictures: <output-dir>/predictions.png
 (image / ground truth / prediction / PCA of the features) for the first validation images.
 
-Deviations from the papers' protocols (mmsegmentation): single-scale whole-image testing (no
-sliding window for Cityscapes), random scale 0.5-2 crops with flip as the only augmentation, no
-photometric distortion, and the short schedules of --iters; ResNet dilation is applied in place
-(also to ResNet-18, which torchvision refuses to dilate).
+Protocol (seg_data.PROTOCOLS): for voc, cityscapes and ade20k the augmentation and testing default to
+mmsegmentation's FCN-d8 configs as SlotCon's transfer/segmentation uses them: random scale 0.5-2 of
+the crop (Cityscapes: of the native 1024 px short side), crops re-drawn while one class covers more
+than 75%, flip, photometric distortion; test at 512 x 2048 (VOC, ADE20K) or by 769 px windows every
+513 px (Cityscapes). Deviations: the schedule is --iters (VOC 20k, Cityscapes 40k, ADE20K 80k in
+those configs: pass them); logits are resized with align_corners=False (the Cityscapes config says
+True); the photometric distortion converts to HSV with PIL, not OpenCV (hue range scaled 180 -> 256);
+ResNet dilation is applied in place (also to ResNet-18, which torchvision refuses to dilate).
 """
 import argparse
 import hashlib
@@ -51,9 +55,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
 import common
+import seg_data
 import weights
 
 
@@ -86,10 +91,21 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="global batch (protocol: 16)")
     p.add_argument("--lr", type=float, default=0.01, help="lr, poly 0.9 (protocol: SGD 0.01)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="(protocol: SGD, momentum 0.9)")
-    p.add_argument("--val-resize", type=int, nargs=2, metavar=("SHORT", "LONG"), default=None,
-                   help="test-time resize to fit SHORT x LONG, ratio kept (VOC protocol: 512 2048); default: native size")
+    # The next five default to the protocol of --data (seg_data.PROTOCOLS); each can be overridden.
+    p.add_argument("--base-size", type=int, default=None,
+                   help="short side a training image is scaled to before --scale-range (protocol: VOC/ADE20K the crop, "
+                        "Cityscapes 1024, i.e. native)")
     p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0),
                    help="random rescaling of training images before the crop (protocol: 0.5 2.0)")
+    p.add_argument("--cat-max", type=float, default=None,
+                   help="re-draw a crop (up to 10 times) where one class covers more than this share (protocol: 0.75; "
+                        "1: off)")
+    p.add_argument("--photometric", default=None, choices=["on", "off"],
+                   help="mmsegmentation's PhotoMetricDistortion on training crops (protocol: on)")
+    p.add_argument("--val-resize", type=int, nargs=2, metavar=("SHORT", "LONG"), default=None,
+                   help="test-time resize to fit SHORT x LONG, ratio kept (protocol: VOC/ADE20K 512 2048); 0 0: native")
+    p.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
+                   help="sliding-window testing (protocol: Cityscapes 769 513); 0 0: whole image")
     p.add_argument("--weight-decay", type=float, default=None, help="(default: the protocol's 5e-4 for finetune, 0 for the probe)")
     p.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary FCN head on C4 (protocol: 0.4)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -107,6 +123,15 @@ def get_args(argv=None):
     common.check_args(p, args, positive=("iters", "batch_size", "lr", "crop_size", "synthetic_train", "synthetic_val",
                                          "synthetic_size", "log_every", "save_every"),
                       non_negative=("workers", "aux_weight", "pictures"))
+    for k, v in seg_data.PROTOCOLS[args.data].items():  # the dataset's protocol where a flag was not given
+        if getattr(args, k) is None:
+            setattr(args, k, v(args) if callable(v) else v)
+    if args.val_resize is not None and 0 in args.val_resize:
+        args.val_resize = None
+    if args.slide is not None and 0 in args.slide:
+        args.slide = None
+    if args.slide is not None and args.slide[1] > args.slide[0]:
+        p.error("--slide CROP STRIDE: the stride must not exceed the crop (windows would leave gaps)")
     if args.weight_decay is None:
         args.weight_decay = 0.0 if args.task == "probe" else 5e-4
     common.check_args(p, args, non_negative=("weight_decay",))
@@ -121,167 +146,6 @@ def get_args(argv=None):
         args.output_dir = f"runs/eval/{init}-{args.task}{head}-{args.data}-{digest}"
     return args
 
-
-# =================================================================================================
-# Data: segmentation datasets with joint image/label transforms
-# =================================================================================================
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-IGNORE = 255
-
-
-def cityscapes_lut():
-    """labelIds -> train ids (19 classes), everything else ignored."""
-    lut = np.full(256, IGNORE, np.uint8)
-    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-        lut[label_id] = train_id
-    return lut
-
-
-def ade20k_lut():
-    """ADE20K: 0 (other) is ignored, classes 1..150 become 0..149."""
-    lut = np.arange(256, dtype=np.int64) - 1
-    lut[0] = IGNORE
-    return np.clip(lut, 0, 255).astype(np.uint8)
-
-
-def seg_pairs(data, root, split):
-    """(image path, label path) pairs, the class count and the label lookup table for a layout."""
-    root = Path(root)
-    if data == "voc":
-        base = root / "VOCdevkit" / "VOC2012"
-        labels = base / "SegmentationClassAug" if (base / "SegmentationClassAug").is_dir() else base / "SegmentationClass"
-        lists = base / "ImageSets" / "Segmentation"
-        # the 10,582-image VOC-aug list goes by three names: ours, DeepLab's and mmsegmentation's
-        aug = [lists / n for n in ("trainaug.txt", "train_aug.txt", "aug.txt") if (lists / n).exists()]
-        list_file = aug[0] if split == "train" and labels.name.endswith("Aug") and aug else lists / f"{split}.txt"
-        layout = f"{base}/JPEGImages/*.jpg, {base}/SegmentationClass[Aug]/*.png, {lists}/{{train,val,trainaug}}.txt"
-        if not list_file.exists() or not labels.is_dir():
-            raise FileNotFoundError(f"--data voc: {list_file} or {labels} missing. Expected layout: {layout}")
-        ids = list_file.read_text().split()
-        if list_file.name == "aug.txt":  # mmsegmentation's aug.txt holds the extra images only: add train.txt's
-            ids = sorted(set(ids) | set((lists / "train.txt").read_text().split()))
-        common.print0(f"--data voc {split}: {list_file.name}, {len(ids)} images, labels {labels.name}")
-        return [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids], 21, None
-    if data == "cityscapes":
-        img_dir = root / "cityscapes" / "leftImg8bit" / split
-        if not img_dir.is_dir():
-            raise FileNotFoundError(f"--data cityscapes: {img_dir} missing. Expected layout: <data-root>/cityscapes/"
-                                    f"leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png and gtFine/{{train,val}}/<city>/"
-                                    f"*_gtFine_labelIds.png")
-        imgs = sorted(img_dir.rglob("*_leftImg8bit.png"))
-        lbl = lambda p: Path(str(p).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
-        return [(p, lbl(p)) for p in imgs], 19, cityscapes_lut()
-    if data == "ade20k":
-        sub = "training" if split == "train" else "validation"
-        base = root / "ADEChallengeData2016"
-        if not (base / "images" / sub).is_dir():
-            raise FileNotFoundError(f"--data ade20k: {base / 'images' / sub} missing. Expected layout: <data-root>/"
-                                    f"ADEChallengeData2016/{{images,annotations}}/{{training,validation}}/*.jpg|png")
-        imgs = sorted((base / "images" / sub).glob("*.jpg"))
-        return [(p, base / "annotations" / sub / (p.stem + ".png")) for p in imgs], 150, ade20k_lut()
-    raise ValueError(data)
-
-
-class SegFiles(Dataset):
-    """Image/label file pairs with an optional label lookup table, then a joint transform."""
-
-    def __init__(self, pairs, lut, transform):
-        if not pairs:
-            raise FileNotFoundError("no image/label pairs found: check the layout in the README")
-        self.pairs, self.lut, self.transform = pairs, lut, transform
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        img_path, label_path = self.pairs[i]
-        label = np.array(Image.open(label_path))  # palette PNGs read as class indices
-        img = common.open_rgb(img_path)  # EXIF orientation applied, 16-bit scaled
-        if img.size != label.shape[::-1]:  # labels follow the stored pixels: then so must the image
-            img = common.open_rgb(img_path, exif=False)
-        if self.lut is not None:
-            label = self.lut[label]
-        return self.transform(img, label)
-
-
-def normalise(img):
-    """PIL image -> (3, H, W) float tensor with ImageNet mean/std."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(common.IMAGENET_MEAN)[:, None, None]) / torch.tensor(common.IMAGENET_STD)[:, None, None]
-
-
-class TrainTransform:
-    """Random scale (0.5-2 of the crop size on the short side by default), random crop padded with
-    ignore, flip."""
-
-    def __init__(self, crop, scale_range=(0.5, 2.0)):
-        self.crop, self.scale_range = crop, scale_range
-
-    def __call__(self, img, label):
-        scale = np.random.uniform(*self.scale_range) * self.crop / min(img.size)
-        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-        x = normalise(img.resize((w, h), Image.BILINEAR))  # (3, h, w)
-        y = torch.from_numpy(np.array(Image.fromarray(label).resize((w, h), Image.NEAREST))).long()  # (h, w)
-        ph, pw = max(self.crop - h, 0), max(self.crop - w, 0)
-        x, y = F.pad(x, (0, pw, 0, ph)), F.pad(y, (0, pw, 0, ph), value=IGNORE)
-        top, left = np.random.randint(0, y.shape[0] - self.crop + 1), np.random.randint(0, y.shape[1] - self.crop + 1)
-        x, y = x[:, top:top + self.crop, left:left + self.crop], y[top:top + self.crop, left:left + self.crop]
-        if np.random.rand() < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        return x, y
-
-
-def val_transform(img, label):
-    """Whole image, normalised; the label as is."""
-    return normalise(img), torch.from_numpy(np.asarray(label)).long()
-
-
-class ResizedVal:
-    """The protocols' test resize: the image scaled to fit (long, short) keeping its ratio (VOC:
-    (2048, 512), mmsegmentation's img_scale); the label stays at its size, logits are resized to it."""
-
-    def __init__(self, short, long):
-        self.short, self.long = short, long
-
-    def __call__(self, img, label):
-        s = min(self.short / min(img.size), self.long / max(img.size))
-        return val_transform(img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR), label)
-
-
-def pad_collate(batch):
-    """Pad a batch of differently sized images to a multiple of 32 and their labels to the largest
-    label (with ignore); also returns each (image size, label size), which may differ (--val-resize)."""
-    H = -(-max(x.shape[1] for x, _ in batch) // 32) * 32
-    W = -(-max(x.shape[2] for x, _ in batch) // 32) * 32
-    h, w = max(y.shape[0] for _, y in batch), max(y.shape[1] for _, y in batch)
-    xs = torch.stack([F.pad(x, (0, W - x.shape[2], 0, H - x.shape[1])) for x, _ in batch])
-    ys = torch.stack([F.pad(y, (0, w - y.shape[1], 0, h - y.shape[0]), value=IGNORE) for _, y in batch])
-    return xs, ys, [(tuple(x.shape[1:]), tuple(y.shape)) for x, y in batch]
-
-
-def build_data(args, device):
-    """Training and validation loaders, the class count and the class names."""
-    if args.data == "synthetic":
-        train = common.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
-                                       transform=TrainTransform(args.crop_size, args.scale_range), with_labels=True)
-        val = common.SyntheticScenes(args.synthetic_val, args.synthetic_size, seed=args.seed, split="val",
-                                     transform=val_transform, with_labels=True)
-        num_classes, names = len(common.SYNTHETIC_CLASSES), list(common.SYNTHETIC_CLASSES)
-    else:
-        pairs, num_classes, lut = seg_pairs(args.data, args.data_root, "train")
-        val_pairs, _, _ = seg_pairs(args.data, args.data_root, "val")
-        train, val = SegFiles(pairs, lut, TrainTransform(args.crop_size, args.scale_range)), SegFiles(val_pairs, lut, val_transform)
-        names = [str(i) for i in range(num_classes)]
-    if args.val_resize:
-        val.transform = ResizedVal(*args.val_resize)
-    train_loader = common.make_loader(train, args.batch_per_rank, args.workers, args.seed, device)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    # every validation image exactly once over the ranks (DistributedSampler would pad with repeats)
-    val_sampler = list(range(rank, len(val), common.world_size())) if common.world_size() > 1 else None
-    val_loader = DataLoader(val, batch_size=max(1, args.batch_per_rank // 2), sampler=val_sampler,
-                            num_workers=args.workers, collate_fn=pad_collate)
-    return train_loader, val_loader, num_classes, names
 
 
 # =================================================================================================
@@ -433,7 +297,7 @@ def palette(n):
     colours = np.zeros((256, 3), np.uint8)
     colours[:n] = rng.integers(40, 256, (n, 3))
     colours[0] = (0, 0, 0) if n == len(common.SYNTHETIC_CLASSES) else colours[0]
-    colours[IGNORE] = 255
+    colours[seg_data.IGNORE] = 255
     return colours
 
 
@@ -466,6 +330,25 @@ def save_pictures(rows, num_classes, path):
     grid.save(path)
 
 
+def slide_logits(model, x, crop, stride, dtype, device):
+    """mmsegmentation's slide inference on one image (1, 3, H, W): windows of `crop` every `stride`,
+    the last one flush with the border, logits (upsampled to each window) averaged where they overlap."""
+    H, W = x.shape[-2:]
+    starts = lambda n: sorted({min(i * stride, max(n - crop, 0)) for i in range(max(n - crop + stride - 1, 0) // stride + 1)})
+    logits, count, feat = None, torch.zeros(1, 1, H, W, device=x.device), None
+    for top in starts(H):
+        for left in starts(W):
+            window = x[..., top:top + crop, left:left + crop]
+            with common.autocast(device, dtype):
+                out, _, f = model(window)
+            out = F.interpolate(out.float(), size=window.shape[-2:], mode="bilinear", align_corners=False)
+            if logits is None:
+                logits, feat = torch.zeros(1, out.shape[1], H, W, device=x.device), f  # the first window's features: pictures only
+            logits[..., top:top + crop, left:left + crop] += out
+            count[..., top:top + crop, left:left + crop] += 1
+    return logits / count, feat  # (1, K, H, W)
+
+
 @torch.no_grad()
 def evaluate(model, loader, num_classes, names, args, dtype, device, pictures_path=None):
     """Confusion matrix over the validation set (summed over ranks) -> metrics; draws the pictures."""
@@ -474,14 +357,19 @@ def evaluate(model, loader, num_classes, names, args, dtype, device, pictures_pa
     rows = []
     for x, y, sizes in common.progress(loader, 0, 1):
         x, y = x.to(device), y.to(device)
-        with common.autocast(device, dtype):
-            logits, _, feat = model(x)
-        logits = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if args.slide is None:  # the padded batch at once
+            with common.autocast(device, dtype):
+                logits, _, feat = model(x)
+            logits = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
         for i, ((h, w), (lh, lw)) in enumerate(sizes):  # each image's own area, at its label's size
-            pred = F.interpolate(logits[i:i + 1, :, :h, :w], size=(lh, lw), mode="bilinear", align_corners=False).argmax(1)[0]
+            if args.slide is not None:  # each image alone, unpadded, as mmsegmentation's slide mode
+                logits_i, feat_i = slide_logits(model, x[i:i + 1, :, :h, :w], *args.slide, dtype, device)
+            else:
+                logits_i, feat_i = logits[i:i + 1, :, :h, :w], feat[i:i + 1]
+            pred = F.interpolate(logits_i, size=(lh, lw), mode="bilinear", align_corners=False).argmax(1)[0]
             conf += confusion(pred, y[i, :lh, :lw], num_classes)
             if pictures_path and len(rows) < args.pictures:
-                rows.append((x[i, :, :h, :w].cpu(), y[i, :lh, :lw].cpu(), pred.cpu(), feat[i].cpu()))
+                rows.append((x[i, :, :h, :w].cpu(), y[i, :lh, :lw].cpu(), pred.cpu(), feat_i[0].cpu()))
     if common.world_size() > 1:
         dist.all_reduce(conf)
     if pictures_path and common.is_main() and rows:
@@ -502,7 +390,7 @@ def cached_probe(model, args, device, dtype, log):
         raise SystemExit("--probe-cache holds every training feature map in memory: it is for --data synthetic "
                          "in one process (use the plain probe, with --iters, for real datasets)")
     scenes = common.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
-                                    transform=val_transform, with_labels=True)
+                                    transform=seg_data.val_transform, with_labels=True)
     feats, labels = [], []
     model.eval()
     with torch.no_grad(), common.autocast(device, dtype):
@@ -519,7 +407,7 @@ def cached_probe(model, args, device, dtype, log):
         total = torch.zeros((), device=device)
         for idx in torch.randperm(len(feats), generator=generator).split(args.batch_size):
             logits = F.interpolate(head(feats[idx.to(device)]), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, labels[idx.to(device)], ignore_index=IGNORE)
+            loss = F.cross_entropy(logits, labels[idx.to(device)], ignore_index=seg_data.IGNORE)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -534,9 +422,9 @@ def train_step(x, y, model, optimizer, scaler, args, dtype, device):
     with common.autocast(device, dtype):
         logits, aux, _ = model(x)
         up = lambda t: F.interpolate(t.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(up(logits), y, ignore_index=IGNORE)
+        loss = F.cross_entropy(up(logits), y, ignore_index=seg_data.IGNORE)
         if aux is not None:
-            loss = loss + args.aux_weight * F.cross_entropy(up(aux), y, ignore_index=IGNORE)
+            loss = loss + args.aux_weight * F.cross_entropy(up(aux), y, ignore_index=seg_data.IGNORE)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -559,7 +447,7 @@ def main(argv=None):
 
     backbone_state, meta = weights.load_init(args.init)
     arch = args.arch or meta.get("arch") or "resnet50"
-    train_loader, val_loader, num_classes, names = build_data(args, device)
+    train_loader, val_loader, num_classes, names = seg_data.build_data(args, device)
     levels = (meta.get("decoder_cfg") or {}).get("levels", ["p2"]) if args.init_decoder else ["p2"]
     img_size = meta.get("img_size", args.crop_size if args.init == "random" else 224)  # a ViT's positional table
     model = Segmenter(arch, args.task, args.head, num_classes, args.output_stride, fpn_levels=levels,
@@ -578,6 +466,10 @@ def main(argv=None):
     common.print0(f"eval_dense | {args.task} ({args.head if args.task == 'finetune' else 'linear'}) | init "
                   f"{args.init} ({meta.get('method')}, {arch}) | {args.data}: {num_classes} classes, "
                   f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val | {args.iters} iters | device {device}")
+    common.print0(f"protocol | train: short side {args.base_size} x {args.scale_range}, crop {args.crop_size}, cat-max "
+                  f"{args.cat_max}, photometric {args.photometric} | test: "
+                  + (f"slide {args.slide[0]}/{args.slide[1]}" if args.slide else "whole image")
+                  + (f" resized to fit {args.val_resize[0]} x {args.val_resize[1]}" if args.val_resize else " at native size"))
 
     if args.probe_cache:  # the frozen features once, then the linear head to convergence on them
         cached_probe(model, args, device, dtype, log)

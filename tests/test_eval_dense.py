@@ -12,6 +12,7 @@ from PIL import Image
 
 import common
 import eval_dense as ev
+import seg_data
 from conftest import REPO, python
 
 
@@ -19,13 +20,13 @@ def test_miou_equals_naive_per_class_with_ignore_and_absent_classes():
     torch.manual_seed(0)
     C = 5
     label = torch.randint(0, 4, (2, 16, 16))  # class 4 never in the ground truth ...
-    label[:, :3] = ev.IGNORE  # ... and some pixels ignored
+    label[:, :3] = seg_data.IGNORE  # ... and some pixels ignored
     pred = torch.randint(0, 4, (2, 16, 16))  # ... nor predicted: it must not count in the mean
     pred[0, 5, 5] = 3
     m = ev.metrics_from_confusion(ev.confusion(pred, label, C), [str(i) for i in range(C)])
     ious = []
     for c in range(C):  # naive: pixel sets per class
-        valid = label != ev.IGNORE
+        valid = label != seg_data.IGNORE
         tp = ((pred == c) & (label == c) & valid).sum().item()
         fp = ((pred == c) & (label != c) & valid).sum().item()
         fn = ((pred != c) & (label == c) & valid).sum().item()
@@ -33,7 +34,7 @@ def test_miou_equals_naive_per_class_with_ignore_and_absent_classes():
             ious.append(tp / (tp + fp + fn))
     assert m["per_class_IoU"]["4"] is None and len(ious) == 4
     assert m["mIoU"] == pytest.approx(100 * sum(ious) / len(ious))
-    valid = label != ev.IGNORE
+    valid = label != seg_data.IGNORE
     assert m["pixel_accuracy"] == pytest.approx(100 * ((pred == label) & valid).sum().item() / valid.sum().item())
 
 
@@ -42,7 +43,7 @@ def _png(path, array, mode=None):
     Image.fromarray(array.astype(np.uint8), mode).save(path)
 
 
-def test_voc_layout(tmp_path):
+def _voc_tree(tmp_path):
     base = tmp_path / "VOCdevkit" / "VOC2012"
     for i in ("a", "b"):
         _png(base / "JPEGImages" / f"{i}.jpg", np.full((20, 30, 3), 100))
@@ -55,9 +56,13 @@ def test_voc_layout(tmp_path):
     (base / "ImageSets" / "Segmentation").mkdir(parents=True)
     (base / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
     (base / "ImageSets" / "Segmentation" / "val.txt").write_text("b\n")
-    pairs, n, lut = ev.seg_pairs("voc", tmp_path, "train")
+
+
+def test_voc_layout(tmp_path):
+    _voc_tree(tmp_path)
+    pairs, n, lut = seg_data.seg_pairs("voc", tmp_path, "train")
     assert n == 21 and len(pairs) == 2 and lut is None
-    x, y = ev.SegFiles(pairs, lut, ev.val_transform)[0]
+    x, y = seg_data.SegFiles(pairs, lut, seg_data.val_transform)[0]
     assert x.shape == (3, 20, 30) and y[7, 7] == 15 and y[0, 0] == 255 and y[15, 15] == 0
 
 
@@ -67,8 +72,8 @@ def test_cityscapes_ids_map_to_train_ids(tmp_path):
     label = np.zeros((8, 8), np.uint8)
     label[0, 0], label[0, 1], label[0, 2], label[0, 3] = 7, 26, 33, 4  # road, car, bicycle, "static"
     _png(tmp_path / "cityscapes" / "gtFine" / "val" / "aachen" / "aachen_0_0_gtFine_labelIds.png", label)
-    pairs, n, lut = ev.seg_pairs("cityscapes", tmp_path, "val")
-    _, y = ev.SegFiles(pairs, lut, ev.val_transform)[0]
+    pairs, n, lut = seg_data.seg_pairs("cityscapes", tmp_path, "val")
+    _, y = seg_data.SegFiles(pairs, lut, seg_data.val_transform)[0]
     assert n == 19 and y[0, :4].tolist() == [0, 13, 18, 255] and y[5, 5] == 255
 
 
@@ -78,15 +83,15 @@ def test_ade20k_zero_is_ignored(tmp_path):
     label = np.zeros((8, 8), np.uint8)
     label[0, 0], label[0, 1] = 1, 150
     _png(base / "annotations" / "validation" / "x.png", label)
-    pairs, n, lut = ev.seg_pairs("ade20k", tmp_path, "val")
-    _, y = ev.SegFiles(pairs, lut, ev.val_transform)[0]
+    pairs, n, lut = seg_data.seg_pairs("ade20k", tmp_path, "val")
+    _, y = seg_data.SegFiles(pairs, lut, seg_data.val_transform)[0]
     assert n == 150 and y[0, 0] == 0 and y[0, 1] == 149 and y[3, 3] == 255
 
 
 @pytest.mark.parametrize("data", ["voc", "cityscapes", "ade20k"])
 def test_missing_layout_is_a_clear_error(tmp_path, data):
     with pytest.raises(FileNotFoundError, match="Expected layout"):
-        ev.seg_pairs(data, tmp_path, "train")
+        seg_data.seg_pairs(data, tmp_path, "train")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -203,3 +208,61 @@ def test_cached_probe_and_linear_finetune_export(tmp_path):
         assert m["probe_cache"] is True and m["probe_layers"] == layers and 0 <= m["mIoU"] <= 100
     model = ev.Segmenter("resnet18", "probe", "fcn", 9, 8, probe_layers="c345")
     assert model.head[1].in_channels == 128 + 256 + 512 and model.features(torch.randn(1, 3, 64, 64)).shape == (1, 896, 8, 8)
+
+
+def test_all_ignore_validation_writes_valid_json():
+    m = ev.metrics_from_confusion(torch.zeros(3, 3, dtype=torch.long), ["a", "b", "c"])
+    assert m["mIoU"] is None and json.loads(json.dumps(m, allow_nan=False)) == m
+
+
+@pytest.mark.parametrize("data,expected", [
+    ("voc", dict(val_resize=[512, 2048], slide=None, cat_max=0.75, photometric="on", base_size=512)),
+    ("cityscapes", dict(val_resize=None, slide=[769, 513], cat_max=0.75, photometric="on", base_size=1024)),
+    ("synthetic", dict(val_resize=None, slide=None, cat_max=1.0, photometric="off", base_size=512))])
+def test_protocol_defaults_per_dataset_and_overrides(data, expected):
+    args = ev.get_args(["--data", data, "--crop-size", "512"])
+    assert {k: getattr(args, k) for k in expected} == expected
+    args = ev.get_args(["--data", data, "--val-resize", "0", "0", "--slide", "0", "0", "--cat-max", "1"])
+    assert args.val_resize is None and args.slide is None and args.cat_max == 1
+
+
+class PerPixel(torch.nn.Module):
+    """A 'segmenter' whose logits at a pixel are that pixel's input (any window gives the same value)."""
+    def forward(self, x):
+        return x, None, x
+
+
+@pytest.mark.parametrize("size,crop,stride", [((10, 13), 4, 3), ((7, 7), 8, 5), ((9, 20), 5, 5)])
+def test_slide_covers_every_pixel_and_averages_overlaps(size, crop, stride):
+    x = torch.randn(1, 3, *size)
+    logits, _ = ev.slide_logits(PerPixel(), x, crop, stride, None, torch.device("cpu"))
+    torch.testing.assert_close(logits, x)  # a gap would divide by zero, a double count would not cancel
+
+
+def test_cat_max_redraws_crops_dominated_by_one_class():
+    label = np.ones((100, 100), np.uint8)
+    label[:, 50:] = 2  # left half class 1, right half class 2: a 50 px crop is mixed only near the middle
+    img = Image.new("RGB", (100, 100))
+    share = lambda t: np.mean([np.bincount(t(img, label)[1].flatten().numpy()).max() / 2500 < 0.75 for _ in range(200)])
+    np.random.seed(0)
+    plain = share(seg_data.TrainTransform(50, (1, 1), base_size=100, cat_max=1.0))
+    redrawn = share(seg_data.TrainTransform(50, (1, 1), base_size=100, cat_max=0.75))
+    assert plain < 0.7 and redrawn > 0.95
+
+
+def test_photometric_distortion_changes_colours_not_geometry():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    np.random.seed(0)
+    outs = [np.asarray(seg_data.photometric(img), np.float32) for _ in range(20)]
+    assert all(o.shape == (16, 16, 3) for o in outs)
+    assert sum(np.abs(o - np.asarray(img, np.float32)).mean() > 1 for o in outs) >= 10
+
+
+def test_voc_run_follows_the_protocol(tmp_path):
+    _voc_tree(tmp_path)
+    out = python("eval_dense.py", "--data", "voc", "--data-root", tmp_path, "--arch", "resnet18", "--task", "finetune",
+                 "--head", "fcn", "--iters", "2", "--crop-size", "32", "--batch-size", "2", "--workers", "0",
+                 "--output-dir", tmp_path / "ev")
+    assert "cat-max 0.75, photometric on | test: whole image resized to fit 512 x 2048" in out
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["mIoU"] is not None and json.loads((tmp_path / "ev" / "args.json").read_text())["val_resize"] == [512, 2048]

@@ -13,6 +13,7 @@ from PIL import Image
 
 import common
 import eval_dense as ev
+import seg_data
 import mcl
 import weights
 from conftest import python
@@ -161,14 +162,14 @@ def test_voc_aug_list_names(tmp_path, list_name, expected, capsys):
     (base / "SegmentationClassAug").mkdir()
     (base / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
     (base / "ImageSets" / "Segmentation" / list_name).write_text("a\nc\nd\n" if list_name != "aug.txt" else "c\nd\n")
-    pairs, _, _ = ev.seg_pairs("voc", tmp_path, "train")
+    pairs, _, _ = seg_data.seg_pairs("voc", tmp_path, "train")
     assert len(pairs) == (expected if list_name != "aug.txt" else 4)  # aug.txt: the extra images, plus train.txt
     assert f"{list_name}, {len(pairs)} images" in capsys.readouterr().out
 
 
 def test_val_resize_scores_at_the_label_size():
     img = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
-    x, y = ev.ResizedVal(64, 1024)(img, np.ones((30, 40), np.uint8))
+    x, y = seg_data.ResizedVal(64, 1024)(img, np.ones((30, 40), np.uint8))
     assert tuple(x.shape) == (3, 64, 85) and tuple(y.shape) == (30, 40)
-    xs, ys, sizes = ev.pad_collate([(x, y), ev.val_transform(img, np.ones((30, 40), np.uint8))])
+    xs, ys, sizes = seg_data.pad_collate([(x, y), seg_data.val_transform(img, np.ones((30, 40), np.uint8))])
     assert xs.shape[-2:] == (64, 96) and ys.shape[-2:] == (30, 40) and sizes == [((64, 85), (30, 40)), ((30, 40), (30, 40))]

@@ -1,0 +1,210 @@
+"""Segmentation data for eval_dense.py: the VOC, Cityscapes, ADE20K and synthetic layouts, the
+protocols' training augmentation (random scale, class-balanced crop, flip, photometric distortion)
+and test-time resize, and the padded validation batches. eval_dense.py's docstring and the README
+say which protocol each dataset follows and where this deviates from it."""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import common
+
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+IGNORE = 255
+# The test-time and augmentation protocol per dataset: mmsegmentation's FCN-d8 configs as SlotCon's
+# transfer/segmentation uses them (pascal_voc12_aug.py, cityscapes_769x769.py, ade20k.py). Flags
+# left unset take these values; the synthetic scenes keep plain crops (their colours are random).
+PROTOCOLS = {
+    "voc": dict(base_size=lambda a: a.crop_size, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None),
+    "ade20k": dict(base_size=lambda a: a.crop_size, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None),
+    "cityscapes": dict(base_size=1024, cat_max=0.75, photometric="on", val_resize=None, slide=[769, 513]),
+    "synthetic": dict(base_size=lambda a: a.crop_size, cat_max=1.0, photometric="off", val_resize=None, slide=None),
+}
+
+
+def cityscapes_lut():
+    """labelIds -> train ids (19 classes), everything else ignored."""
+    lut = np.full(256, IGNORE, np.uint8)
+    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+        lut[label_id] = train_id
+    return lut
+
+
+def ade20k_lut():
+    """ADE20K: 0 (other) is ignored, classes 1..150 become 0..149."""
+    lut = np.arange(256, dtype=np.int64) - 1
+    lut[0] = IGNORE
+    return np.clip(lut, 0, 255).astype(np.uint8)
+
+
+def seg_pairs(data, root, split):
+    """(image path, label path) pairs, the class count and the label lookup table for a layout."""
+    root = Path(root)
+    if data == "voc":
+        base = root / "VOCdevkit" / "VOC2012"
+        labels = base / "SegmentationClassAug" if (base / "SegmentationClassAug").is_dir() else base / "SegmentationClass"
+        lists = base / "ImageSets" / "Segmentation"
+        # the 10,582-image VOC-aug list goes by three names: ours, DeepLab's and mmsegmentation's
+        aug = [lists / n for n in ("trainaug.txt", "train_aug.txt", "aug.txt") if (lists / n).exists()]
+        list_file = aug[0] if split == "train" and labels.name.endswith("Aug") and aug else lists / f"{split}.txt"
+        layout = f"{base}/JPEGImages/*.jpg, {base}/SegmentationClass[Aug]/*.png, {lists}/{{train,val,trainaug}}.txt"
+        if not list_file.exists() or not labels.is_dir():
+            raise FileNotFoundError(f"--data voc: {list_file} or {labels} missing. Expected layout: {layout}")
+        ids = list_file.read_text().split()
+        if list_file.name == "aug.txt":  # mmsegmentation's aug.txt holds the extra images only: add train.txt's
+            ids = sorted(set(ids) | set((lists / "train.txt").read_text().split()))
+        common.print0(f"--data voc {split}: {list_file.name}, {len(ids)} images, labels {labels.name}")
+        return [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids], 21, None
+    if data == "cityscapes":
+        img_dir = root / "cityscapes" / "leftImg8bit" / split
+        if not img_dir.is_dir():
+            raise FileNotFoundError(f"--data cityscapes: {img_dir} missing. Expected layout: <data-root>/cityscapes/"
+                                    f"leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png and gtFine/{{train,val}}/<city>/"
+                                    f"*_gtFine_labelIds.png")
+        imgs = sorted(img_dir.rglob("*_leftImg8bit.png"))
+        lbl = lambda p: Path(str(p).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+        return [(p, lbl(p)) for p in imgs], 19, cityscapes_lut()
+    if data == "ade20k":
+        sub = "training" if split == "train" else "validation"
+        base = root / "ADEChallengeData2016"
+        if not (base / "images" / sub).is_dir():
+            raise FileNotFoundError(f"--data ade20k: {base / 'images' / sub} missing. Expected layout: <data-root>/"
+                                    f"ADEChallengeData2016/{{images,annotations}}/{{training,validation}}/*.jpg|png")
+        imgs = sorted((base / "images" / sub).glob("*.jpg"))
+        return [(p, base / "annotations" / sub / (p.stem + ".png")) for p in imgs], 150, ade20k_lut()
+    raise ValueError(data)
+
+
+class SegFiles(Dataset):
+    """Image/label file pairs with an optional label lookup table, then a joint transform."""
+
+    def __init__(self, pairs, lut, transform):
+        if not pairs:
+            raise FileNotFoundError("no image/label pairs found: check the layout in the README")
+        self.pairs, self.lut, self.transform = pairs, lut, transform
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        img_path, label_path = self.pairs[i]
+        label = np.array(Image.open(label_path))  # palette PNGs read as class indices
+        img = common.open_rgb(img_path)  # EXIF orientation applied, 16-bit scaled
+        if img.size != label.shape[::-1]:  # labels follow the stored pixels: then so must the image
+            img = common.open_rgb(img_path, exif=False)
+        if self.lut is not None:
+            label = self.lut[label]
+        return self.transform(img, label)
+
+
+def normalise(img):
+    """PIL image -> (3, H, W) float tensor with ImageNet mean/std."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(common.IMAGENET_MEAN)[:, None, None]) / torch.tensor(common.IMAGENET_STD)[:, None, None]
+
+
+def photometric(img):
+    """mmsegmentation's PhotoMetricDistortion on a PIL image, each part with probability 1/2:
+    brightness +-32, contrast x0.5-1.5 (before or after the rest, at random), saturation x0.5-1.5,
+    hue +-18 of OpenCV's 180 (PIL's HSV: +-25.5 of 256). Values clipped to 0-255."""
+    x = np.asarray(img, dtype=np.float32)
+    coin = lambda: np.random.randint(2)
+    contrast = lambda x: x * np.random.uniform(0.5, 1.5) if coin() else x
+    if coin():
+        x = x + np.random.uniform(-32, 32)
+    contrast_first = coin()
+    x = contrast(x) if contrast_first else x
+    hsv = np.asarray(Image.fromarray(x.clip(0, 255).astype(np.uint8)).convert("HSV"), dtype=np.float32)
+    if coin():
+        hsv[..., 1] *= np.random.uniform(0.5, 1.5)
+    if coin():
+        hsv[..., 0] = (hsv[..., 0] + np.random.uniform(-25.5, 25.5)) % 256
+    x = np.asarray(Image.fromarray(hsv.clip(0, 255).astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
+    x = contrast(x) if not contrast_first else x
+    return Image.fromarray(x.clip(0, 255).astype(np.uint8))
+
+
+class TrainTransform:
+    """Scale the short side to base_size x U(scale_range), random crop (re-drawn up to 10 times while
+    one class covers more than cat_max of it, as mmsegmentation's RandomCrop), flip, photometric
+    distortion; padded with ignore to the crop."""
+
+    def __init__(self, crop, scale_range=(0.5, 2.0), base_size=None, cat_max=1.0, distort=False):
+        self.crop, self.scale_range, self.base = crop, scale_range, base_size or crop
+        self.cat_max, self.distort = cat_max, distort
+
+    def __call__(self, img, label):
+        scale = np.random.uniform(*self.scale_range) * self.base / min(img.size)
+        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        img = img.resize((w, h), Image.BILINEAR)
+        y = torch.from_numpy(np.array(Image.fromarray(label).resize((w, h), Image.NEAREST))).long()  # (h, w)
+        for _ in range(10 if self.cat_max < 1 else 1):
+            top, left = np.random.randint(0, max(h - self.crop, 0) + 1), np.random.randint(0, max(w - self.crop, 0) + 1)
+            box = (left, top, min(left + self.crop, w), min(top + self.crop, h))
+            counts = torch.bincount(y[box[1]:box[3], box[0]:box[2]].flatten(), minlength=256)[:IGNORE]
+            if len(counts.nonzero()) > 1 and counts.max() / counts.sum() < self.cat_max:
+                break
+        img, y = img.crop(box), y[box[1]:box[3], box[0]:box[2]]
+        if np.random.rand() < 0.5:
+            img, y = img.transpose(Image.FLIP_LEFT_RIGHT), y.flip(-1)
+        x = normalise(photometric(img) if self.distort else img)  # (3, h', w')
+        ph, pw = self.crop - x.shape[1], self.crop - x.shape[2]
+        return F.pad(x, (0, pw, 0, ph)), F.pad(y, (0, pw, 0, ph), value=IGNORE)
+
+
+def val_transform(img, label):
+    """Whole image, normalised; the label as is."""
+    return normalise(img), torch.from_numpy(np.asarray(label)).long()
+
+
+class ResizedVal:
+    """The protocols' test resize: the image scaled to fit (long, short) keeping its ratio (VOC:
+    (2048, 512), mmsegmentation's img_scale); the label stays at its size, logits are resized to it."""
+
+    def __init__(self, short, long):
+        self.short, self.long = short, long
+
+    def __call__(self, img, label):
+        s = min(self.short / min(img.size), self.long / max(img.size))
+        return val_transform(img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR), label)
+
+
+def pad_collate(batch):
+    """Pad a batch of differently sized images to a multiple of 32 and their labels to the largest
+    label (with ignore); also returns each (image size, label size), which may differ (--val-resize)."""
+    H = -(-max(x.shape[1] for x, _ in batch) // 32) * 32
+    W = -(-max(x.shape[2] for x, _ in batch) // 32) * 32
+    h, w = max(y.shape[0] for _, y in batch), max(y.shape[1] for _, y in batch)
+    xs = torch.stack([F.pad(x, (0, W - x.shape[2], 0, H - x.shape[1])) for x, _ in batch])
+    ys = torch.stack([F.pad(y, (0, w - y.shape[1], 0, h - y.shape[0]), value=IGNORE) for _, y in batch])
+    return xs, ys, [(tuple(x.shape[1:]), tuple(y.shape)) for x, y in batch]
+
+
+def build_data(args, device):
+    """Training and validation loaders, the class count and the class names."""
+    augment = TrainTransform(args.crop_size, args.scale_range, args.base_size, args.cat_max, args.photometric == "on")
+    if args.data == "synthetic":
+        train = common.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
+                                       transform=augment, with_labels=True)
+        val = common.SyntheticScenes(args.synthetic_val, args.synthetic_size, seed=args.seed, split="val",
+                                     transform=val_transform, with_labels=True)
+        num_classes, names = len(common.SYNTHETIC_CLASSES), list(common.SYNTHETIC_CLASSES)
+    else:
+        pairs, num_classes, lut = seg_pairs(args.data, args.data_root, "train")
+        val_pairs, _, _ = seg_pairs(args.data, args.data_root, "val")
+        train, val = SegFiles(pairs, lut, augment), SegFiles(val_pairs, lut, val_transform)
+        names = [str(i) for i in range(num_classes)]
+    if args.val_resize:
+        val.transform = ResizedVal(*args.val_resize)
+    train_loader = common.make_loader(train, args.batch_per_rank, args.workers, args.seed, device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # every validation image exactly once over the ranks (DistributedSampler would pad with repeats)
+    val_sampler = list(range(rank, len(val), common.world_size())) if common.world_size() > 1 else None
+    val_loader = DataLoader(val, batch_size=max(1, args.batch_per_rank // 2), sampler=val_sampler,
+                            num_workers=args.workers, collate_fn=pad_collate)
+    return train_loader, val_loader, num_classes, names
