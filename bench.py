@@ -4,6 +4,7 @@
     python bench.py loss                                                         # paper shapes, CPU
     python bench.py data --workers 2 8                                           # loader images/s per pipeline
     python bench.py quality --tier cpu --seeds 0 1 2                             # miniature (bench_quality.py)
+    python bench.py gpu                                                          # a GPU window (bench_gpu.py)
 
 `speed` times each method's real train_step (from its own file) on random input tensors, interleaved
 with the *floor*: the same backbone doing forward+backward on exactly the student's input tensors,
@@ -19,13 +20,14 @@ most batching can gain on the machine. `quality` runs the miniature reproduction
 import argparse
 import copy
 import json
+import math
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +55,12 @@ def get_args(argv=None):
     d.add_argument("--images", type=int, default=256)
     d.add_argument("--image-size", type=int, default=224)
     d.add_argument("--batch-size", type=int, default=32)
+    g = sub.add_parser("gpu", help="one command for a GPU window (bench_gpu.py): correctness, speed, loader -> gpu_report")
+    g.add_argument("--device", default="cuda", help="cuda, or cpu with --tiny (the CI check)")
+    g.add_argument("--tiny", action="store_true", help="tiny shapes: seconds on a CPU")
+    g.add_argument("--budget", type=float, default=500, help="seconds for all sections (the window allows 9 minutes)")
+    g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
+    g.add_argument("--out", default=".", help="folder for gpu_report.json and gpu_report.md")
     q = sub.add_parser("quality", help="the miniature reproduction (bench_quality.py): floor, ceiling, every method")
     q.add_argument("--tier", default="cpu", choices=["cpu", "gpu", "toy"], help="budget (toy: the test's)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -64,13 +72,18 @@ def get_args(argv=None):
 # =================================================================================================
 # speed: one closure per method that runs its real train_step, and the floor
 # =================================================================================================
+def _extra(args, method):
+    """Extra flags for a method's get_args (bench_gpu.py's tiny shapes); none for `speed`."""
+    return getattr(args, "extra", {}).get(method, [])
+
+
 def _views(n, b, size, device):
     return [torch.randn(b, 3, size, size, device=device) for _ in range(n)]
 
 
 def setup_moco(args, device, dtype):
     import moco
-    a = moco.get_args(["--arch", args.arch, "--image-size", str(args.image_size)])
+    a = moco.get_args(["--arch", args.arch, "--image-size", str(args.image_size), *_extra(args, "moco")])
     enc_q = moco.Encoder(a.arch, a.dim).to(device)
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
     queue = moco.Queue(a.dim, a.queue_size).to(device)
@@ -78,13 +91,15 @@ def setup_moco(args, device, dtype):
     opt = torch.optim.SGD(pq, lr=0.03, momentum=0.9, weight_decay=1e-4, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     views = _views(2, args.batch_size, args.image_size, device)
-    step = lambda: moco.train_step(views, enc_q, enc_k, queue, pk, pq, opt, scaler, a, dtype, device)
-    return step, views[:1], views[1:], common.ResNetTrunk(args.arch)
+    model_q = _prepare(device, args, enc_q, enc_k)
+    step = lambda: moco.train_step(views, model_q, enc_k, queue, pk, pq, opt, scaler, a, dtype, device)
+    nets = (lambda: model_q(_cl(views[0], device)), lambda: enc_k(_cl(views[1], device)), pq)
+    return step, views[:1], views[1:], common.ResNetTrunk(args.arch), nets
 
 
 def setup_densecl(args, device, dtype):
     import densecl
-    a = densecl.get_args(["--arch", args.arch, "--image-size", str(args.image_size)])
+    a = densecl.get_args(["--arch", args.arch, "--image-size", str(args.image_size), *_extra(args, "densecl")])
     enc_q = densecl.Encoder(a.arch, a.dim).to(device)
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
     queue, queue2 = densecl.Queue(a.dim, a.queue_size).to(device), densecl.Queue(a.dim, a.queue_size).to(device)
@@ -92,13 +107,15 @@ def setup_densecl(args, device, dtype):
     opt = torch.optim.SGD(pq, lr=0.03, momentum=0.9, weight_decay=1e-4, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     views = _views(2, args.batch_size, args.image_size, device)
-    step = lambda: densecl.train_step(views, enc_q, enc_k, queue, queue2, pk, pq, opt, scaler, 0.5, a, dtype, device)
-    return step, views[:1], views[1:], common.ResNetTrunk(args.arch)
+    model_q = _prepare(device, args, enc_q, enc_k)
+    step = lambda: densecl.train_step(views, model_q, enc_k, queue, queue2, pk, pq, opt, scaler, 0.5, a, dtype, device)
+    nets = (lambda: model_q(_cl(views[0], device)), lambda: enc_k(_cl(views[1], device)), pq)
+    return step, views[:1], views[1:], common.ResNetTrunk(args.arch), nets
 
 
 def setup_decon(args, device, dtype):
     import decon
-    a = decon.get_args(["--arch", args.arch, "--image-size", str(args.image_size)])  # DeCon-SL over SlotCon
+    a = decon.get_args(["--arch", args.arch, "--image-size", str(args.image_size), *_extra(args, "decon")])  # DeCon-SL over SlotCon
     student = decon.Network(a).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
     predictors = torch.nn.ModuleList(decon.mlp(a.dim_out, a.dim_hidden, a.dim_out, conv=False) for _ in student.heads).to(device)
@@ -110,14 +127,18 @@ def setup_decon(args, device, dtype):
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device).repeat(args.batch_size, 2, 1)  # (B, 2, 4): full overlap
     flips = torch.zeros(args.batch_size, 2, dtype=torch.bool, device=device)
     weights = decon.head_weights(a, len(student.heads))
-    step = lambda: decon.train_step((views, boxes, flips), student, teacher, predictors, centers, pt, ps, 0.99, opt,
+    model_s = _prepare(device, args, student, teacher)
+    step = lambda: decon.train_step((views, boxes, flips), model_s, teacher, predictors, centers, pt, ps, 0.99, opt,
                                     scaler, weights, a, dtype, device)
-    return step, views, views, common.ResNetTrunk(args.arch)
+    x = [_cl(v, device) for v in views]
+    nets = (lambda: model_s(*x), lambda: teacher(*x), ps)  # the predictors (an MLP on a few slots) left out
+    return step, views, views, common.ResNetTrunk(args.arch), nets
 
 
 def setup_mcl(args, device, dtype):
     import mcl
-    a = mcl.get_args(["--arch", args.arch, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)])
+    a = mcl.get_args(["--arch", args.arch, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                      *_extra(args, "mcl")])
     student = mcl.Student(a.arch, a.head_windows).to(device)
     target = copy.deepcopy(student.online).requires_grad_(False)
     po, pt = list(student.online.parameters()), list(target.parameters())
@@ -125,16 +146,19 @@ def setup_mcl(args, device, dtype):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     views = _views(8, args.batch_size, args.image_size, device)
     weights = torch.tensor(a.level_weights, device=device)
-    step = lambda: mcl.train_step(views, student, target, pt, po, 0.99, opt, scaler, weights, a, dtype, device)
-    canvases = [mcl.build_montages(views[:4], a.montages, a.tile_resize)[0], mcl.build_montages(views[4:], a.montages, a.tile_resize)[0]]
+    model = _prepare(device, args, student, target)
+    step = lambda: mcl.train_step(views, model, target, pt, po, 0.99, opt, scaler, weights, a, dtype, device)
+    (c1, plan, _), (c2, _, _) = mcl.build_montages(views[:4], a.montages, a.tile_resize), mcl.build_montages(views[4:], a.montages, a.tile_resize)
     floor_net = torch.nn.Sequential(common.ResNetTrunk(args.arch, pyramid=True))  # encoder + FPN: MCL's encoder
     floor_net.append(common.FPN(floor_net[0].channels, 256))
-    return step, canvases, canvases, floor_net
+    c1, c2 = _cl(c1, device), _cl(c2, device)
+    nets = (lambda: model((c1, c2), plan), lambda: [target.forward_p5(c) for c in (c1, c2)], po)
+    return step, [c1, c2], [c1, c2], floor_net, nets
 
 
 def setup_adclr(args, device, dtype):
     import adclr
-    a = adclr.get_args(["--arch", args.vit])
+    a = adclr.get_args(["--arch", args.vit, *_extra(args, "adclr")])
     student = adclr.DINONet(a, drop_path=a.drop_path).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
     ps, pt = list(student.parameters()), list(teacher.parameters())
@@ -145,10 +169,51 @@ def setup_adclr(args, device, dtype):
     globals_, locals_ = _views(2, B, a.global_size, device), _views(a.local_crops, B, a.local_size, device)
     queries = torch.randn(B, a.num_queries, 3, a.patch_size, a.patch_size, device=device)
     sched = {"momentum": 0.996, "teacher_temp": 0.04}
-    step = lambda: adclr.train_step((globals_, locals_, queries), student, teacher, centers, pt, ps, opt, scaler, sched,
+    model_s = torch.compile(student) if getattr(args, "compile", False) else student
+    step = lambda: adclr.train_step((globals_, locals_, queries), model_s, teacher, centers, pt, ps, opt, scaler, sched,
                                     1, a, dtype, device)
     vit = common.ViT(a.arch, a.patch_size, a.global_size)
-    return step, globals_ + locals_, globals_, vit
+    nets = (lambda: model_s(globals_, locals_, queries), lambda: teacher(globals_, (), queries), ps)
+    return step, globals_ + locals_, globals_, vit, nets
+
+
+def _prepare(device, args, student, teacher):
+    """As the method files' main(): channels_last on CUDA, the student compiled with --compile."""
+    if device.type == "cuda":
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+    return torch.compile(student) if getattr(args, "compile", False) else student
+
+
+def _cl(x, device):
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def _mean_of(out):
+    """The sum of the means of every floating tensor in a (nested) network output: a loss that
+    costs nothing next to the networks and reaches every output."""
+    if torch.is_tensor(out):
+        return out.float().mean() if out.is_floating_point() else 0
+    if isinstance(out, dict):
+        out = list(out.values())
+    return sum((_mean_of(o) for o in out if o is not None), torch.zeros(()))
+
+
+def make_networks_floor(nets, device, dtype):
+    """The *networks floor*: forward+backward of every network the method trains on its real inputs,
+    forward of its teachers, one plain SGD step: no loss, matching, EMA or queue."""
+    train_fwd, teacher_fwd, params = nets
+    opt = torch.optim.SGD([p for p in params if p.requires_grad], lr=1e-6, momentum=0.9, foreach=True)
+
+    def step():
+        with common.autocast(device, dtype):
+            loss = _mean_of(train_fwd()).to(device)
+            with torch.no_grad():
+                teacher_fwd()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 
 def make_floor(net, student, teacher, device, dtype):
@@ -193,7 +258,7 @@ def speed_one(args, method):
     dtype = common.amp_dtype(args.amp, device)
     torch.manual_seed(0)
     setups = {"moco": setup_moco, "densecl": setup_densecl, "decon": setup_decon, "mcl": setup_mcl, "adclr": setup_adclr}
-    step, student, teacher, encoder = setups[method](args, device, dtype)
+    step, student, teacher, encoder, _ = setups[method](args, device, dtype)
     memory_format = torch.channels_last if device.type == "cuda" and method != "adclr" else torch.contiguous_format
     floor = make_floor(encoder, [x.to(memory_format=memory_format) for x in student],
                        [x.to(memory_format=memory_format) for x in teacher], device, dtype)
@@ -376,35 +441,46 @@ def bench_losses(repeats=5):
 # =================================================================================================
 # data: does the loader keep up?
 # =================================================================================================
-def bench_data(args):
-    """Write synthetic scenes as JPEG files, then time each method's view pipeline in a DataLoader."""
-    import tempfile
-
+def loader_rates(folder, images, image_size, batch, workers, time_left=lambda: math.inf, adclr_args=()):
+    """Write `images` synthetic scenes as JPEG files into `folder`, then time each method's view
+    pipeline in a DataLoader. Returns [(pipeline, methods, images/s or None when out of time)]."""
     import adclr
     import decon
     import mcl
-    tmp = tempfile.mkdtemp(prefix="bench-data-")
-    for i in range(args.images):
-        common.synthetic_scene(i, size=args.image_size * 8 // 7)[0].save(f"{tmp}/{i:05d}.jpg", quality=90)
-    files = common.find_images(tmp)
-    a = adclr.get_args([])
-    pipelines = {"moco / densecl": common.TwoViews(common.moco_v2_augmentation(args.image_size)),
-                 "decon (slotcon)": decon.TwoCropsWithOverlap(args.image_size, 0.08),
-                 "mcl (8 crops)": mcl.EightCrops(args.image_size),
-                 "adclr (2 + 10 crops + 10 queries)": adclr.MultiCropWithQueries(a)}
+    for i in range(images):
+        common.synthetic_scene(i, size=image_size * 8 // 7)[0].save(f"{folder}/{i:05d}.jpg", quality=90)
+    files = common.find_images(folder)
+    a = adclr.get_args(["--global-size", str(image_size), *adclr_args])
+    pipelines = [("moco / densecl: 2 views", ("moco", "densecl"), common.TwoViews(common.moco_v2_augmentation(image_size))),
+                 ("decon (slotcon): 2 crops + boxes", ("decon",), decon.TwoCropsWithOverlap(image_size, 0.08)),
+                 ("mcl: 8 crops", ("mcl",), mcl.EightCrops(image_size)),
+                 ("adclr: 2 + local crops + queries", ("adclr",), adclr.MultiCropWithQueries(a))]
+    rows = []
+    for name, methods, transform in pipelines:
+        if time_left() <= 0:
+            rows.append((name, methods, None))
+            continue
+        loader = torch.utils.data.DataLoader(common.ImageFiles(files, transform), batch_size=batch, num_workers=workers,
+                                             shuffle=True, drop_last=True)
+        it = iter(loader)
+        next(it)  # worker start-up is not throughput
+        t, n = time.perf_counter(), 0
+        for _ in it:
+            n += batch
+        rows.append((name, methods, n / (time.perf_counter() - t) if n else None))
+    return rows
+
+
+def bench_data(args):
+    """The loader's images/s per method pipeline, from JPEG files, for each --workers."""
+    import tempfile
     print(f"\n{args.images} JPEG files of {args.image_size * 8 // 7} px, batch {args.batch_size}\n")
     print("| pipeline | workers | images/s |")
     print("|---|---|---|")
-    for name, transform in pipelines.items():
-        for w in args.workers:
-            loader = torch.utils.data.DataLoader(common.ImageFiles(files, transform), batch_size=args.batch_size,
-                                                 num_workers=w, shuffle=True, drop_last=True)
-            it = iter(loader)
-            next(it)  # worker start-up is not throughput
-            t, n = time.perf_counter(), 0
-            for batch in it:
-                n += args.batch_size
-            print(f"| {name} | {w} | {n / (time.perf_counter() - t):.0f} |")
+    for w in args.workers:
+        for name, _, rate in loader_rates(tempfile.mkdtemp(prefix="bench-data-"), args.images, args.image_size,
+                                          args.batch_size, w):
+            print(f"| {name} | {w} | {rate:.0f} |")
 
 
 if __name__ == "__main__":
@@ -417,6 +493,9 @@ if __name__ == "__main__":
         bench_losses()
     elif args.command == "data":
         bench_data(args)
+    elif args.command == "gpu":
+        import bench_gpu
+        bench_gpu.gpu(args)
     elif args.command == "quality":
         import bench_quality
         bench_quality.quality(args)

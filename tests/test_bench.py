@@ -55,3 +55,40 @@ def test_speed_reports_the_ratio_of_medians(tmp_path):
     assert abs(r["ratio"] - r["step_s"] / r["floor_s"]) < 1e-9
     assert abs(r["images_per_s"] - 4 / r["step_s"]) < 1e-9
     assert r["peak_gib"] > 0
+
+
+def test_gpu_command_runs_every_section_on_cpu_at_tiny_shapes(tmp_path):
+    # `bench.py gpu` is run in short GPU windows: this keeps it from rotting between them.
+    python("bench.py", "gpu", "--device", "cpu", "--tiny", "--out", tmp_path)
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert (tmp_path / "gpu_report.md").read_text().startswith("# GPU report: CPU")
+    checked = {r["check"].split(":")[0] for r in report["correctness"] if r["ok"] is not None}
+    assert {"moco", "densecl", "decon", "mcl", "adclr"} <= checked
+    assert all(r["ok"] for r in report["correctness"] if r["ok"] is not None)
+    eager = [r for r in report["speed"] if not r["compile"]]
+    assert [r["method"] for r in eager] == ["moco", "densecl", "decon", "mcl", "adclr"]
+    for r in eager:  # the ratios are the medians' ratios
+        assert abs(r["over_networks"] - r["step_s"] / r["networks_floor_s"]) < 1e-9 and r["networks_floor_s"] > 0
+    assert {r["verdict"] for r in report["loader"]} <= {"keeps up", "stalls"} and len(report["loader"]) == 5
+
+
+def test_gpu_correctness_check_catches_a_wrong_fused_loss(monkeypatch):
+    import bench_gpu
+    import densecl
+    assert bench_gpu.check_queue_loss(torch.device("cpu"))["ok"]
+    wrong = densecl.QueueInfoNCE.apply
+    monkeypatch.setattr(densecl.QueueInfoNCE, "apply", lambda q, k, queue, t: wrong(q, k, queue, t * 1.001))
+    assert not bench_gpu.check_queue_loss(torch.device("cpu"))["ok"]
+
+
+def test_networks_floor_runs_every_trained_network():
+    # the networks floor must reach each trained parameter: none left without a gradient
+    import argparse
+    import bench
+    import bench_gpu
+    cfg = bench_gpu.configs(argparse.Namespace(tiny=True, workers=0))
+    for method in ("moco", "densecl", "decon", "adclr"):
+        *_, (train_fwd, _, params) = bench_gpu.setup(method, cfg, torch.device("cpu"), None)
+        bench._mean_of(train_fwd()).backward()
+        missing = [i for i, p in enumerate(params) if p.requires_grad and p.grad is None]
+        assert not missing, (method, len(missing))
