@@ -451,7 +451,10 @@ def loader_rates(folder, images, image_size, batch, workers, time_left=lambda: m
         common.synthetic_scene(i, size=image_size * 8 // 7)[0].save(f"{folder}/{i:05d}.jpg", quality=90)
     files = common.find_images(folder)
     a = adclr.get_args(["--global-size", str(image_size), *adclr_args])
+    import gpu_augment
     pipelines = [("moco / densecl: 2 views", ("moco", "densecl"), common.TwoViews(common.moco_v2_augmentation(image_size))),
+                 ("moco / densecl --gpu-augment: decode only", ("moco --gpu-augment", "densecl --gpu-augment"),
+                  gpu_augment.DecodeOnly()),
                  ("decon (slotcon): 2 crops + boxes", ("decon",), decon.TwoCropsWithOverlap(image_size, 0.08)),
                  ("mcl: 8 crops", ("mcl",), mcl.EightCrops(image_size)),
                  ("adclr: 2 + local crops + queries", ("adclr",), adclr.MultiCropWithQueries(a))]
@@ -460,8 +463,9 @@ def loader_rates(folder, images, image_size, batch, workers, time_left=lambda: m
         if time_left() <= 0:
             rows.append((name, methods, None))
             continue
+        collate = gpu_augment.pad_collate if isinstance(transform, gpu_augment.DecodeOnly) else None
         loader = torch.utils.data.DataLoader(common.ImageFiles(files, transform), batch_size=batch, num_workers=workers,
-                                             shuffle=True, drop_last=True)
+                                             shuffle=True, drop_last=True, collate_fn=collate)
         it = iter(loader)
         next(it)  # worker start-up is not throughput
         t, n = time.perf_counter(), 0

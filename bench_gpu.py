@@ -19,7 +19,8 @@ is installed (nothing to download) and to stop each section when its share of `-
    plain SGD step: no loss, matching, EMA or queue). Eager, then --compile. Where a method is above
    1.10x its networks floor, the top operators of a torch.profiler trace say where the time goes.
 3. Loader: images/s each method's view pipeline delivers from real JPEG files with `--workers`
-   workers, against the images/s its step consumes: "keeps up" or "stalls".
+   workers, against the images/s its step consumes: "keeps up" or "stalls". For moco/densecl also
+   with --gpu-augment: the workers' decode-only rate, capped by the device augmentation's rate.
 
 The quality table's GPU tier does not fit in 9 minutes: it is `python bench.py quality --tier gpu`.
 """
@@ -225,20 +226,36 @@ def speed(cfg, device, budget, tiny):
 # =================================================================================================
 # 3. loader
 # =================================================================================================
-def loader(cfg, budget, speed_rows):
+def loader(cfg, device, budget, speed_rows):
     """Images/s from JPEG files per pipeline (bench.loader_rates) against what the step consumes."""
     tmp = tempfile.mkdtemp(prefix="bench-gpu-data-")
     rates = bench.loader_rates(tmp, cfg["images"], cfg["image_size"], cfg["batch"], cfg["workers"], budget.left,
                                adclr_args=cfg["extra"].get("adclr", []))
     eager = {r["method"]: r for r in speed_rows if not r["compile"] and "skipped" not in r}
+    augment = device_augment_rate(cfg, device) if budget.left() > 0 else None
     rows = []
     for pipeline, methods, rate in rates:
+        if "--gpu-augment" in pipeline and rate is not None and augment is not None:
+            pipeline, rate = f"{pipeline}, then {augment:.0f} images/s of device augmentation", min(rate, augment)
         for method in methods:
-            need = eager[method]["images_per_s"] if method in eager else None
+            base = method.split()[0]
+            need = eager[base]["images_per_s"] if base in eager else None
             verdict = None if rate is None or need is None else ("keeps up" if rate >= need else "stalls")
             rows.append(dict(method=method, pipeline=pipeline, workers=cfg["workers"], loader_images_per_s=rate,
                              step_images_per_s=need, verdict=verdict or "not measured"))
     return rows
+
+
+def device_augment_rate(cfg, device, repeats=5):
+    """Images/s of gpu_augment.MoCoV2Views (two views per image) on a decoded batch, on the device."""
+    import gpu_augment
+    size = cfg["image_size"]
+    batch = (torch.randint(0, 256, (cfg["batch"], 3, size * 8 // 7, size * 8 // 7 + 40), dtype=torch.uint8),
+             torch.tensor([[size * 8 // 7, size * 8 // 7 + 40]] * cfg["batch"]))
+    views = gpu_augment.MoCoV2Views(size)
+    views(batch, device)  # warm-up
+    t = statistics.median(_timed(lambda: views(batch, device), device) for _ in range(repeats))
+    return cfg["batch"] / t
 
 
 # =================================================================================================
@@ -285,7 +302,7 @@ def gpu(args):
     start, rows = time.perf_counter(), {}
     for name, until, fn in (("correctness", 0.30, lambda b: correctness(cfg, device, b, args.tiny)),
                             ("speed", 0.85, lambda b: speed(cfg, device, b, args.tiny)),
-                            ("loader", 1.0, lambda b: loader(cfg, b, rows["speed"]))):
+                            ("loader", 1.0, lambda b: loader(cfg, device, b, rows["speed"]))):
         budget = Budget(start + until * args.budget - time.perf_counter())
         print(f"bench gpu | {name} ({max(budget.left(), 0):.0f} s) ...", flush=True)
         rows[name] = fn(budget)

@@ -607,13 +607,14 @@ def split_batch(parser, args):
     args.batch_per_rank = args.batch_size // args.world_size
 
 
-def make_loader(dataset, batch_size, workers, seed, device):
+def make_loader(dataset, batch_size, workers, seed, device, collate_fn=None):
     """Training DataLoader: per-rank batches, shuffled by epoch, last partial batch dropped; every
     sample's augmentation seeded from (seed, rank, epoch, index) (SeededSamples). The loader draws
     its own base seed from a private generator, not from the global RNG the checkpoint restores."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = ResumableSampler(dataset, num_replicas=world_size(), rank=rank, shuffle=True, seed=seed)
     loader = DataLoader(SeededSamples(dataset, seed, rank), batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_fn,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed + rank))
     if len(loader) == 0:

@@ -49,6 +49,9 @@ Deviations from the official code:
   matching and the losses run in fp32 outside autocast.
 - --data coco / coco+ select the COCO recipe (lr 0.3 x N/256, 800 epochs) unless --lr / --epochs
   are given; every other --data uses the ImageNet recipe (lr 0.03 x N/256, 200 epochs).
+- --gpu-augment (off by default): the same augmentation distribution computed on the device
+  (gpu_augment.py), not the same pixels: roi_align's box filter where PIL shrinks with a triangle,
+  float colour ops where PIL rounds to uint8 after each, images above --max-side shrunk first.
 """
 import argparse
 import copy
@@ -80,6 +83,9 @@ def get_args(argv=None):
     p.add_argument("--sgd-momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
     p.add_argument("--output-dir", default="runs/densecl", help="checkpoint, log, args; a rerun resumes from here")
+    p.add_argument("--gpu-augment", action="store_true",
+                   help="the loader workers only decode; crops, colour, blur and flips run on the device (gpu_augment.py)")
+    p.add_argument("--max-side", type=int, default=512, help="--gpu-augment: images shrunk to this long side by the workers")
     common.add_data_args(p)
     common.add_run_args(p, epochs=None, batch_size=256, epochs_help="training epochs (default: 800 on COCO, 200 otherwise)")
     args = p.parse_args(argv)
@@ -250,10 +256,16 @@ def dense_loss(q_grid, k_grid, match, queue, temperature):
 # Data
 # =================================================================================================
 def build_data(args, device):
-    """Two independent MoCo v2 "aug-plus" views of every image (DenseCL uses MoCo v2's pipeline)."""
+    """Two independent MoCo v2 "aug-plus" views of every image (DenseCL uses MoCo v2's pipeline).
+    Returns the loader and, with --gpu-augment, the device-side augmentation its batches go through."""
+    if args.gpu_augment:  # gpu_augment.py must sit next to this file
+        import gpu_augment
+        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
+                gpu_augment.MoCoV2Views(args.image_size))
     augment = common.moco_v2_augmentation(args.image_size)
     dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device)
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -300,7 +312,7 @@ def main(argv=None):
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
 
-    loader = build_data(args, device)
+    loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     lr_schedule = common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)  # per epoch
@@ -341,6 +353,8 @@ def main(argv=None):
         for views in bar:
             if step >= last_step:
                 break
+            if device_views is not None:  # --gpu-augment: decoded images -> two augmented views, on the device
+                views = device_views(views, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_schedule[step]
             loss_lambda = 0.0 if step < args.dense_warmup_iters else args.loss_lambda

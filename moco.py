@@ -31,6 +31,9 @@ Deviations from the official code:
   the same FIFO.
 - bf16 autocast by default on CUDA (the official code trains in fp32); --amp fp32 restores it. The
   loss runs in fp32 outside autocast.
+- --gpu-augment (off by default): the same augmentation distribution computed on the device
+  (gpu_augment.py), not the same pixels: roi_align's box filter where PIL shrinks with a triangle,
+  float colour ops where PIL rounds to uint8 after each, images above --max-side shrunk first.
 """
 import argparse
 import copy
@@ -59,6 +62,9 @@ def get_args(argv=None):
     p.add_argument("--sgd-momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
     p.add_argument("--output-dir", default="runs/moco", help="checkpoint, log, args; a rerun resumes from here")
+    p.add_argument("--gpu-augment", action="store_true",
+                   help="the loader workers only decode; crops, colour, blur and flips run on the device (gpu_augment.py)")
+    p.add_argument("--max-side", type=int, default=512, help="--gpu-augment: images shrunk to this long side by the workers")
     common.add_data_args(p)
     common.add_run_args(p, epochs=200, batch_size=256)
     args = p.parse_args(argv)
@@ -153,10 +159,16 @@ def infonce(q, k, queue, temperature):
 # Data
 # =================================================================================================
 def build_data(args, device):
-    """Two independent MoCo v2 "aug-plus" views of every image."""
+    """Two independent MoCo v2 "aug-plus" views of every image.
+    Returns the loader and, with --gpu-augment, the device-side augmentation its batches go through."""
+    if args.gpu_augment:  # gpu_augment.py must sit next to this file
+        import gpu_augment
+        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
+                gpu_augment.MoCoV2Views(args.image_size))
     augment = common.moco_v2_augmentation(args.image_size)
     dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device)
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -196,7 +208,7 @@ def main(argv=None):
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
 
-    loader = build_data(args, device)
+    loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     lr_schedule = common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)  # per epoch, as MoCo
@@ -237,6 +249,8 @@ def main(argv=None):
         for views in bar:
             if step >= last_step:
                 break
+            if device_views is not None:  # --gpu-augment: decoded images -> two augmented views, on the device
+                views = device_views(views, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_schedule[step]
             running += train_step(views, model_q, encoder_k, queue, params_k, params_q, optimizer, scaler,

@@ -52,11 +52,12 @@ def _tensors(obj, prefix=""):
             yield from _tensors(v, f"{prefix}[{i}]")
 
 
-@pytest.mark.parametrize("method,workers", [(m, "0") for m in RUNS] + [("densecl", "2")])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method, workers):
+@pytest.mark.parametrize("method,workers,extra", [(m, "0", []) for m in RUNS] + [("densecl", "2", []),
+                                                                                 ("moco", "2", ["--gpu-augment"])])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method, workers, extra):
     """Stop at step 3 (not an epoch boundary), resume, finish: every tensor of the final checkpoint,
     weights, optimizer state, queues, centers and RNG states, equals the uninterrupted run's."""
-    argv = [f"{method}.py", *RUNS[method], "--workers", workers, "--epochs", "2"]
+    argv = [f"{method}.py", *RUNS[method], "--workers", workers, "--epochs", "2", *extra]
     first = [_start([*argv, "--output-dir", tmp_path / "a"]), _start([*argv, "--output-dir", tmp_path / "b", "--max-steps", "3"])]
     assert all(p.wait(timeout=600) == 0 for p in first), [p.stderr.read()[-2000:] for p in first]  # side by side: 2 cores
     text = python(*argv, "--output-dir", tmp_path / "b")
