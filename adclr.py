@@ -53,7 +53,8 @@ optimizer step; per-parameter gradient clipping at 3.0 (0 = none); last layer fr
 stochastic depth 0.1 in the student only; a weight-normalised last layer (--norm-last-layer false
 learns its norm, as DINO's 300-epoch ViT-S/16 run); bicubic crops; DINO's positional-embedding
 interpolation. Deviations: the losses and centers are computed in fp32 outside autocast (DINO
-computes them under fp16 autocast); bf16 autocast by default on CUDA.
+computes them under fp16 autocast); bf16 autocast by default on CUDA; --gpu-augment (off by
+default) makes the views on the device (gpu_augment.MultiCropViews), bilinear instead of bicubic.
 """
 import argparse
 import copy
@@ -290,9 +291,15 @@ class MultiCropWithQueries:
 
 
 def build_data(args, device):
-    """Multi-crop views and query crops of every image."""
+    """Multi-crop views and query crops of every image. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    if args.gpu_augment:
+        import gpu_augment
+        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
+                gpu_augment.MultiCropViews(args))
     dataset = common.build_pretrain_dataset(args, MultiCropWithQueries(args))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device)
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -345,7 +352,7 @@ def main(argv=None):
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
 
-    loader = build_data(args, device)
+    loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     lr_schedule = common.cosine_schedule(args.scaled_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs)
@@ -396,6 +403,8 @@ def main(argv=None):
         for batch in bar:
             if step >= last_step:
                 break
+            if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
+                batch = device_views(batch, device)
             optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr_schedule[step]
             optimizer.param_groups[0]["weight_decay"] = wd_schedule[step]
             sched = {"momentum": m_schedule[step], "teacher_temp": float(temp_per_epoch[epoch])}

@@ -453,8 +453,7 @@ def loader_rates(folder, images, image_size, batch, workers, time_left=lambda: m
     a = adclr.get_args(["--global-size", str(image_size), *adclr_args])
     import gpu_augment
     pipelines = [("moco / densecl: 2 views", ("moco", "densecl"), common.TwoViews(common.moco_v2_augmentation(image_size))),
-                 ("moco / densecl --gpu-augment: decode only", ("moco --gpu-augment", "densecl --gpu-augment"),
-                  gpu_augment.DecodeOnly()),
+                 ("--gpu-augment: decode only", tuple(f"{m} --gpu-augment" for m in METHODS), gpu_augment.DecodeOnly()),
                  ("decon (slotcon): 2 crops + boxes", ("decon",), decon.TwoCropsWithOverlap(image_size, 0.08)),
                  ("mcl: 8 crops", ("mcl",), mcl.EightCrops(image_size)),
                  ("adclr: 2 + local crops + queries", ("adclr",), adclr.MultiCropWithQueries(a))]

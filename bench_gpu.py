@@ -19,8 +19,8 @@ is installed (nothing to download) and to stop each section when its share of `-
    plain SGD step: no loss, matching, EMA or queue). Eager, then --compile. Where a method is above
    1.10x its networks floor, the top operators of a torch.profiler trace say where the time goes.
 3. Loader: images/s each method's view pipeline delivers from real JPEG files with `--workers`
-   workers, against the images/s its step consumes: "keeps up" or "stalls". For moco/densecl also
-   with --gpu-augment: the workers' decode-only rate, capped by the device augmentation's rate.
+   workers, against the images/s its step consumes: "keeps up" or "stalls"; and with --gpu-augment:
+   the workers' decode-only rate, capped by the rate of the method's augmentation on the device.
 
 The quality table's GPU tier does not fit in 9 minutes: it is `python bench.py quality --tier gpu`.
 """
@@ -232,30 +232,35 @@ def loader(cfg, device, budget, speed_rows):
     rates = bench.loader_rates(tmp, cfg["images"], cfg["image_size"], cfg["batch"], cfg["workers"], budget.left,
                                adclr_args=cfg["extra"].get("adclr", []))
     eager = {r["method"]: r for r in speed_rows if not r["compile"] and "skipped" not in r}
-    augment = device_augment_rate(cfg, device) if budget.left() > 0 else None
     rows = []
-    for pipeline, methods, rate in rates:
-        if "--gpu-augment" in pipeline and rate is not None and augment is not None:
-            pipeline, rate = f"{pipeline}, then {augment:.0f} images/s of device augmentation", min(rate, augment)
+    for pipeline, methods, decode_rate in rates:
         for method in methods:
-            base = method.split()[0]
+            base, rate, name = method.split()[0], decode_rate, pipeline
+            if "--gpu-augment" in method and rate is not None and budget.left() > 0:
+                augment = device_augment_rate(base, cfg, device)
+                name, rate = f"{pipeline}, then {augment:.0f} images/s of device augmentation", min(rate, augment)
             need = eager[base]["images_per_s"] if base in eager else None
             verdict = None if rate is None or need is None else ("keeps up" if rate >= need else "stalls")
-            rows.append(dict(method=method, pipeline=pipeline, workers=cfg["workers"], loader_images_per_s=rate,
+            rows.append(dict(method=method, pipeline=name, workers=cfg["workers"], loader_images_per_s=rate,
                              step_images_per_s=need, verdict=verdict or "not measured"))
     return rows
 
 
-def device_augment_rate(cfg, device, repeats=5):
-    """Images/s of gpu_augment.MoCoV2Views (two views per image) on a decoded batch, on the device."""
+def device_augment_rate(method, cfg, device, repeats=5):
+    """Images/s of the method's --gpu-augment views (gpu_augment.py) from a decoded batch, on the device."""
+    import adclr
+    import decon
     import gpu_augment
     size = cfg["image_size"]
-    batch = (torch.randint(0, 256, (cfg["batch"], 3, size * 8 // 7, size * 8 // 7 + 40), dtype=torch.uint8),
-             torch.tensor([[size * 8 // 7, size * 8 // 7 + 40]] * cfg["batch"]))
-    views = gpu_augment.MoCoV2Views(size)
+    batch = (torch.randint(0, 256, (batch_of(method, cfg), 3, size * 8 // 7, size * 8 // 7 + 40), dtype=torch.uint8),
+             torch.tensor([[size * 8 // 7, size * 8 // 7 + 40]] * batch_of(method, cfg)))
+    views = {"moco": lambda: gpu_augment.MoCoV2Views(size), "densecl": lambda: gpu_augment.MoCoV2Views(size),
+             "decon": lambda: gpu_augment.OverlappingViews(size, 0.08, decon.overlap_boxes),
+             "mcl": lambda: gpu_augment.EightCropViews(size),
+             "adclr": lambda: gpu_augment.MultiCropViews(adclr.get_args(["--global-size", str(size), *cfg["extra"].get("adclr", [])]))}[method]()
     views(batch, device)  # warm-up
     t = statistics.median(_timed(lambda: views(batch, device), device) for _ in range(repeats))
-    return cfg["batch"] / t
+    return batch_of(method, cfg) / t
 
 
 # =================================================================================================

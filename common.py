@@ -255,6 +255,9 @@ def add_data_args(parser):
     parser.add_argument("--synthetic-len", type=int, default=10000, help="images per epoch of --data synthetic")
     parser.add_argument("--synthetic-size", type=int, default=0, help="side of a synthetic scene (0: 8/7 of --image-size)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers per process")
+    parser.add_argument("--gpu-augment", action="store_true",
+                        help="the workers only decode; crops, colour, blur and flips run on the device (gpu_augment.py)")
+    parser.add_argument("--max-side", type=int, default=512, help="--gpu-augment: images shrunk to this long side first")
 
 
 # =================================================================================================

@@ -52,6 +52,8 @@ Deviations from the official code:
   guard: it would compute a loss over an empty set). With SyncBN the predictor then still runs, on
   whatever rows the rank has, so that every rank joins its collectives.
 - The losses run in fp32 outside autocast (SlotCon computes them under fp16 autocast).
+- --gpu-augment (off by default): the views on the device (gpu_augment.OverlappingViews), the same
+  distribution with bilinear instead of bicubic crops.
 """
 import argparse
 import copy
@@ -338,15 +340,17 @@ def slotcon_losses(out_s, out_t, boxes, flips, predictors, centers, weights, gro
 # Data
 # =================================================================================================
 def overlap_boxes(b1, f1, b2, f2):
-    """The overlap of crop boxes b1, b2 ((4,) in image [0, 1] units) in each view's own [0, 1]
-    frame, mirrored for a flipped view: (2, 4), the boxes align_to_overlap expects."""
-    lo, hi = torch.maximum(b1[:2], b2[:2]), torch.minimum(b1[2:], b2[2:])  # overlap in image coordinates
+    """The overlap of crop boxes b1, b2 ((..., 4) in image [0, 1] units) in each view's own [0, 1]
+    frame, mirrored where a view is flipped (f1, f2: bools of shape (...)): (..., 2, 4), the boxes
+    align_to_overlap expects. Per image here; batched for --gpu-augment."""
+    lo, hi = torch.maximum(b1[..., :2], b2[..., :2]), torch.minimum(b1[..., 2:], b2[..., 2:])  # overlap, image coords
     boxes = []
     for b, flip in ((b1, f1), (b2, f2)):
-        wh = b[2:] - b[:2]
-        box = torch.cat([(lo - b[:2]) / wh, (hi - b[:2]) / wh])  # (x0, y0, x1, y1) in the view
-        boxes.append(torch.stack([1 - box[2], box[1], 1 - box[0], box[3]]) if flip else box)
-    return torch.stack(boxes)
+        wh = b[..., 2:] - b[..., :2]
+        box = torch.cat([(lo - b[..., :2]) / wh, (hi - b[..., :2]) / wh], -1)  # (x0, y0, x1, y1) in the view
+        mirrored = torch.stack([1 - box[..., 2], box[..., 1], 1 - box[..., 0], box[..., 3]], -1)
+        boxes.append(torch.where(torch.as_tensor(flip, device=box.device)[..., None], mirrored, box))
+    return torch.stack(boxes, -2)
 
 
 class TwoCropsWithOverlap:
@@ -370,9 +374,15 @@ class TwoCropsWithOverlap:
 
 
 def build_data(args, device):
-    """SlotCon's views: overlapping crops with their overlap boxes and flips."""
+    """SlotCon's views: overlapping crops with their overlap boxes and flips. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    if args.gpu_augment:
+        import gpu_augment
+        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
+                gpu_augment.OverlappingViews(args.image_size, args.min_scale, overlap_boxes))
     dataset = common.build_pretrain_dataset(args, TwoCropsWithOverlap(args.image_size, args.min_scale))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device)
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -419,7 +429,7 @@ def main(argv=None):
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
 
-    loader = build_data(args, device)
+    loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     # SlotCon: warm-up from lr/100, then a per-step cosine to 1e-6; teacher momentum cosine 0.99 -> 1
@@ -472,6 +482,8 @@ def main(argv=None):
         for batch in bar:
             if step >= last_step:
                 break
+            if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
+                batch = device_views(batch, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_schedule[step]
             running += train_step(batch, model_s, teacher, predictors, centers, params_t, params_s, m_schedule[step],

@@ -34,6 +34,7 @@ what is not DenseCL's or decon.py's is this file's choice: the decoder's dense h
 dense head at the decoder's width (256), each with its own queue of pooled keys; the decoder runs
 in the key encoder too (shuffle BN applies to the whole network); downstream gets the query
 encoder and decoder, as DenseCL's conversion. The losses run in fp32 outside autocast.
+--gpu-augment: as densecl.py.
 """
 import argparse
 import copy
@@ -280,9 +281,15 @@ def decon_losses(out_q, out_k, global_queue, dense_queues, weights, args):
 # Data
 # =================================================================================================
 def build_data(args, device):
-    """Two independent MoCo v2 "aug-plus" views of every image, as DenseCL."""
+    """Two independent MoCo v2 "aug-plus" views of every image, as DenseCL. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    if args.gpu_augment:
+        import gpu_augment
+        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
+                gpu_augment.MoCoV2Views(args.image_size))
     dataset = common.build_pretrain_dataset(args, common.TwoViews(common.moco_v2_augmentation(args.image_size)))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device)
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -326,7 +333,7 @@ def main(argv=None):
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
 
-    loader = build_data(args, device)
+    loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     lr_schedule = common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)  # per epoch
@@ -370,6 +377,8 @@ def main(argv=None):
         for views in bar:
             if step >= last_step:
                 break
+            if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
+                views = device_views(views, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_schedule[step]
             running += train_step(views, model_q, net_k, global_queue, dense_queues, params_k, params_q, optimizer,

@@ -7,7 +7,10 @@ alone is the cheaper part; this module moves the rest to the accelerator.
 
     workers:  DecodeOnly        PIL image -> uint8 (3, h, w), long side capped at --max-side
     collate:  pad_collate       -> uint8 (B, 3, H, W) padded, sizes (B, 2)
-    device:   MoCoV2Views       -> two normalised (B, 3, S, S) views, as common.moco_v2_augmentation
+    device:   MoCoV2Views       -> two views, as common.moco_v2_augmentation  (moco, densecl, decon_densecl)
+              OverlappingViews  -> views, overlap boxes, flips, as decon.TwoCropsWithOverlap  (decon)
+              EightCropViews    -> eight views, as mcl.EightCrops  (mcl)
+              MultiCropViews    -> globals, locals, queries, as adclr.MultiCropWithQueries  (adclr)
 
 The same distribution as the PIL/v2 pipeline, computed differently (tests/test_gpu_augment.py
 checks both): RandomResizedCrop parameters are drawn exactly as torchvision's get_params (10
@@ -18,8 +21,10 @@ a random order per sample, with torchvision's tensor formulas (PIL works in uint
 each step); grayscale with torchvision's weights; Gaussian blur with a per-sample sigma, the same
 kernel size (common.blur_kernel) and reflect padding. Random numbers come from the device's
 default generator, whose state the checkpoints save, so a resumed run sees the same views.
-Deviation: images larger than --max-side (default 512) are shrunk by the workers first, so that a
-batch pads to a bounded size; ImageNet and COCO images are at most 500 and 640 px.
+Deviations: images larger than --max-side (default 512) are shrunk by the workers first, so that a
+batch pads to a bounded size (ImageNet and COCO images are at most 500 and 640 px); crops are
+resized bilinearly, also where the CPU pipelines use bicubic (SlotCon/DeCon and DINO/ADCLR crops):
+roi_align has no bicubic mode.
 """
 import math
 
@@ -157,29 +162,139 @@ def gaussian_blur(x, sigma, kernel_size):
     return y.reshape(N, C, H, W)
 
 
+def colour(x, strength, p_jitter, p_gray, p_blur, p_solarize, kernel):
+    """The colour half of the MoCo v2 / BYOL pipelines on (N, 3, S, S) in [0, 1], each part drawn
+    per sample: ColorJitter(*strength) with p_jitter, grayscale p_gray, blur sigma U(0.1, 2) with
+    p_blur, solarize (threshold 128 / 255) with p_solarize; then ImageNet normalisation."""
+    N, device = len(x), x.device
+    draw = lambda p: (torch.rand(N, device=device) < p)[:, None, None, None]
+    u = lambda lo, hi: torch.empty(N, device=device).uniform_(lo, hi)
+    b, c, s, h = strength
+    on = torch.rand(N, device=device) < p_jitter
+    one, zero = torch.ones(N, device=device), torch.zeros(N, device=device)
+    x = color_jitter(x, torch.where(on, u(1 - b, 1 + b), one), torch.where(on, u(1 - c, 1 + c), one),
+                     torch.where(on, u(1 - s, 1 + s), one), torch.where(on, u(-h, h), zero))
+    x = torch.where(draw(p_gray), gray(x).expand_as(x), x)
+    if p_blur > 0:
+        x = torch.where(draw(p_blur), gaussian_blur(x, u(0.1, 2.0), kernel), x)
+    if p_solarize > 0:
+        x = torch.where(draw(p_solarize) & (x >= 128 / 255), 1 - x, x)
+    return normalise(x)
+
+
+def normalise(x):
+    return (x - x.new_tensor(common.IMAGENET_MEAN)[:, None, None]) / x.new_tensor(common.IMAGENET_STD)[:, None, None]
+
+
+def crops(images, sizes, n, size, scale, flip_p=0.5):
+    """n crops of every image: (n·B, 3, size, size) in [0, 1] (crop k of image b at k·B + b), their
+    boxes (n·B, 4) in [0, 1] image units and flips (n·B,)."""
+    boxes = crop_params(sizes.float().repeat(n, 1), scale)  # (n·B, 4) pixels
+    x = resized_crops(images, boxes, size)
+    flips = torch.rand(len(boxes), device=boxes.device) < flip_p
+    x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    return x, boxes / sizes.float().flip(1).repeat(n, 2), flips
+
+
+def decoded(batch, device):
+    images, sizes = batch
+    return images.to(device, non_blocking=True).float().div_(255), sizes.to(device)  # (B, 3, H, W) in [0, 1]
+
+
+MOCO = dict(strength=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2)
+BYOL = dict(strength=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2)
+
+
 class MoCoV2Views:
     """common.moco_v2_augmentation on the device: two views of every image of a decoded batch.
-    Crop (0.2, 1), colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur 0.5 with
-    sigma U(0.1, 2), flip 0.5, ImageNet normalisation."""
+    Crop (0.2, 1), colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur 0.5, flip 0.5."""
 
     def __init__(self, size, scale=(0.2, 1.0)):
         self.size, self.scale, self.kernel = size, scale, common.blur_kernel(size)
 
     @torch.no_grad()
     def __call__(self, batch, device):
-        images, sizes = batch
-        images = images.to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W)
+        images, sizes = decoded(batch, device)
+        x, _, _ = crops(images, sizes, 2, self.size, self.scale)  # (2B, 3, S, S): view 1, then view 2
+        x = colour(x, **MOCO, p_blur=0.5, p_solarize=0.0, kernel=self.kernel)
+        return list(x.split(len(images)))  # [view 1 (B, 3, S, S), view 2]
+
+
+class OverlappingViews:
+    """decon.TwoCropsWithOverlap on the device: two crops whose overlap covers at least 1% of the
+    second (the first of 10 candidates; else the first crop twice), BYOL's asymmetric colour
+    (blur 1.0 / 0.1, solarize 0 / 0.2). Returns ([v1, v2], overlap boxes (B, 2, 4), flips (B, 2))
+    as the CPU pipeline; `overlap_boxes` is decon.overlap_boxes (passed in: this module does not
+    import the method files)."""
+
+    def __init__(self, size, min_scale, overlap_boxes):
+        self.size, self.scale, self.kernel, self.overlap_boxes = size, (min_scale, 1.0), common.blur_kernel(size), overlap_boxes
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        images, sizes = decoded(batch, device)
         B = len(images)
-        boxes = crop_params(sizes.to(device).float().repeat(2, 1), self.scale)  # (2B, 4): view 1, then view 2
-        x = resized_crops(images, boxes, self.size)  # (2B, 3, S, S)
-        u = lambda lo, hi: torch.empty(2 * B, device=device).uniform_(lo, hi)
-        jitter = torch.rand(2 * B, device=device) < 0.8
-        one, zero = torch.ones(2 * B, device=device), torch.zeros(2 * B, device=device)
-        x = color_jitter(x, torch.where(jitter, u(0.6, 1.4), one), torch.where(jitter, u(0.6, 1.4), one),
-                         torch.where(jitter, u(0.6, 1.4), one), torch.where(jitter, u(-0.1, 0.1), zero))
-        x = torch.where((torch.rand(2 * B, device=device) < 0.2)[:, None, None, None], gray(x).expand_as(x), x)
-        blurred = gaussian_blur(x, u(0.1, 2.0), self.kernel)
-        x = torch.where((torch.rand(2 * B, device=device) < 0.5)[:, None, None, None], blurred, x)
-        x = torch.where((torch.rand(2 * B, device=device) < 0.5)[:, None, None, None], x.flip(-1), x)
-        x = (x - x.new_tensor(common.IMAGENET_MEAN)[:, None, None]) / x.new_tensor(common.IMAGENET_STD)[:, None, None]
-        return list(x.split(B))  # [view 1 (B, 3, S, S), view 2]
+        b1 = crop_params(sizes.float(), self.scale) / sizes.float().flip(1).repeat(1, 2)  # (B, 4) in [0, 1]
+        cand = (crop_params(sizes.float().repeat(10, 1), self.scale) / sizes.float().flip(1).repeat(10, 2)).view(10, B, 4)
+        inter = (torch.minimum(b1[..., 2:], cand[..., 2:]) - torch.maximum(b1[..., :2], cand[..., :2])).clamp(min=0).prod(-1)
+        ok = inter >= 0.01 * (cand[..., 2:] - cand[..., :2]).prod(-1)  # (10, B)
+        first = ok.int().argmax(0)  # the first overlapping candidate (0 if none)
+        b2 = torch.where(ok.any(0)[:, None], cand[first, torch.arange(B, device=device)], b1)  # (B, 4)
+        f1 = torch.rand(B, device=device) < 0.5
+        f2 = torch.where(ok.any(0), torch.rand(B, device=device) < 0.5, f1)
+        wh = sizes.float().flip(1).repeat(1, 2)
+        x = resized_crops(images, torch.cat([b1, b2]) * torch.cat([wh, wh]), self.size)  # (2B, 3, S, S)
+        flips = torch.cat([f1, f2])
+        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        v1 = colour(x[:B], **BYOL, p_blur=1.0, p_solarize=0.0, kernel=self.kernel)
+        v2 = colour(x[B:], **BYOL, p_blur=0.1, p_solarize=0.2, kernel=self.kernel)
+        return [v1, v2], self.overlap_boxes(b1, f1, b2, f2), torch.stack([f1, f2], 1)
+
+
+class EightCropViews:
+    """mcl.EightCrops on the device: four crops per branch (scale 0.2-1), BYOL's asymmetric colour.
+    Returns 8 batches (B, 3, S, S): branch 1's four, then branch 2's."""
+
+    def __init__(self, size):
+        self.size, self.kernel = size, common.blur_kernel(size)
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        images, sizes = decoded(batch, device)
+        B = len(images)
+        x, _, _ = crops(images, sizes, 8, self.size, (0.2, 1.0))  # (8B, 3, S, S)
+        x = torch.cat([colour(x[:4 * B], **BYOL, p_blur=1.0, p_solarize=0.0, kernel=self.kernel),
+                       colour(x[4 * B:], **BYOL, p_blur=0.1, p_solarize=0.2, kernel=self.kernel)])
+        return list(x.split(B))
+
+
+class MultiCropViews:
+    """adclr.MultiCropWithQueries on the device: 2 global views (BYOL's asymmetric colour), n local
+    views (jitter, grayscale, blur 0.5) and Q query crops (colour as the local views with
+    --query-augment local). Returns ([g1, g2], [locals], queries (B, Q, 3, q, q))."""
+
+    def __init__(self, args):
+        self.args = args
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        a = self.args
+        images, sizes = decoded(batch, device)
+        B = len(images)
+        g, _, _ = crops(images, sizes, 2, a.global_size, tuple(a.global_scale))
+        k = common.blur_kernel(a.global_size)
+        globals_ = [colour(g[:B], **BYOL, p_blur=1.0, p_solarize=0.0, kernel=k),
+                    colour(g[B:], **BYOL, p_blur=0.1, p_solarize=0.2, kernel=k)]
+        local = []
+        if a.local_crops:
+            x, _, _ = crops(images, sizes, a.local_crops, a.local_size, tuple(a.local_scale))
+            local = list(colour(x, **BYOL, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.local_size)).split(B))
+        queries = torch.zeros(0, device=device)
+        if a.num_queries:
+            q, _, _ = crops(images, sizes, a.num_queries, a.query_size, tuple(a.query_scale), flip_p=0.0)
+            if a.query_augment == "local":
+                q = colour(q, **BYOL, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.query_size))
+            else:
+                q = normalise(q)
+            queries = q.view(a.num_queries, B, *q.shape[1:]).transpose(0, 1)  # (B, Q, 3, q, q)
+        return globals_, local, queries

@@ -57,6 +57,8 @@ Deviations from the official code:
 - --tile-resize antialias shrinks tiles with antialiased bilinear instead of nearest.
 - SyncBN under DDP on CUDA only; bf16 autocast by default on CUDA (the official uses fp16 with apex;
   --amp fp16); the losses are computed in fp32 outside autocast.
+- --gpu-augment (off by default): the eight crops on the device (gpu_augment.EightCropViews), the
+  same distribution, not the same pixels.
 """
 import argparse
 import copy
@@ -330,8 +332,15 @@ class EightCrops:
 
 
 def build_data(args, device):
+    """Eight crops of every image, four per branch. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    if args.gpu_augment:
+        import gpu_augment
+        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
+                gpu_augment.EightCropViews(args.image_size))
     dataset = common.build_pretrain_dataset(args, EightCrops(args.image_size))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device)
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 def save_montage_png(views, args, path):
@@ -384,10 +393,11 @@ def main(argv=None):
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
 
-    loader = build_data(args, device)
+    loader, device_views = build_data(args, device)
     if args.save_montage:
         common.seed_everything(args.seed)
-        save_montage_png(next(iter(loader)), args, args.save_montage)
+        views = next(iter(loader))
+        save_montage_png(device_views(views, device) if device_views is not None else views, args, args.save_montage)
         common.print0(f"wrote {args.save_montage}: one montage per ratio {RATIOS}, counts per process {args.montages}")
         return None
     steps_per_epoch = len(loader)
@@ -432,6 +442,8 @@ def main(argv=None):
         for views in bar:
             if step >= last_step:
                 break
+            if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
+                views = device_views(views, device)
             for g in optimizer.param_groups:
                 g["lr"] = lrs[step]
             running += train_step(views, model, target, params_t, params_o, m_schedule[step], optimizer, scaler,

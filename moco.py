@@ -62,9 +62,6 @@ def get_args(argv=None):
     p.add_argument("--sgd-momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
     p.add_argument("--output-dir", default="runs/moco", help="checkpoint, log, args; a rerun resumes from here")
-    p.add_argument("--gpu-augment", action="store_true",
-                   help="the loader workers only decode; crops, colour, blur and flips run on the device (gpu_augment.py)")
-    p.add_argument("--max-side", type=int, default=512, help="--gpu-augment: images shrunk to this long side by the workers")
     common.add_data_args(p)
     common.add_run_args(p, epochs=200, batch_size=256)
     args = p.parse_args(argv)
@@ -159,9 +156,9 @@ def infonce(q, k, queue, temperature):
 # Data
 # =================================================================================================
 def build_data(args, device):
-    """Two independent MoCo v2 "aug-plus" views of every image.
-    Returns the loader and, with --gpu-augment, the device-side augmentation its batches go through."""
-    if args.gpu_augment:  # gpu_augment.py must sit next to this file
+    """Two independent MoCo v2 "aug-plus" views of every image. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    if args.gpu_augment:
         import gpu_augment
         dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
         return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),

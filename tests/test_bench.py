@@ -69,7 +69,7 @@ def test_gpu_command_runs_every_section_on_cpu_at_tiny_shapes(tmp_path):
     assert [r["method"] for r in eager] == ["moco", "densecl", "decon", "mcl", "adclr"]
     for r in eager:  # the ratios are the medians' ratios
         assert abs(r["over_networks"] - r["step_s"] / r["networks_floor_s"]) < 1e-9 and r["networks_floor_s"] > 0
-    assert {r["verdict"] for r in report["loader"]} <= {"keeps up", "stalls"} and len(report["loader"]) == 7  # moco and densecl twice: with --gpu-augment
+    assert {r["verdict"] for r in report["loader"]} <= {"keeps up", "stalls"} and len(report["loader"]) == 10  # each method twice: with --gpu-augment
 
 
 def test_gpu_correctness_check_catches_a_wrong_fused_loss(monkeypatch):

@@ -71,20 +71,82 @@ def test_a_fixed_blur_equals_torchvisions():
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-def test_views_match_the_pil_pipelines_statistics():
-    # The same images through both pipelines: per-view colour moments agree in distribution.
+def _moments(a, b):
+    """Per-view colour moments of two stacks of views agree in distribution: brightness, contrast,
+    colourfulness (0 for grayscale views)."""
+    for stat in (lambda v: v.mean((1, 2, 3)), lambda v: v.std((1, 2, 3)), lambda v: v.std(1).mean((1, 2))):
+        sa, sb = stat(a), stat(b)
+        se = math.sqrt(sa.var() / len(sa) + sb.var() / len(sb))  # of the difference of the means
+        se_std = math.sqrt(sa.var() / (2 * len(sa)) + sb.var() / (2 * len(sb)))  # of the stds' (normal approx.)
+        assert abs(sa.mean() - sb.mean()) < 4 * se and abs(sa.std() - sb.std()) < 4 * se_std
+
+
+def _images(n=96, size=72):
     torch.manual_seed(0)
     np.random.seed(0)
-    imgs = [common.synthetic_scene(i, size=72)[0] for i in range(96)]
+    return [common.synthetic_scene(i, size=size)[0] for i in range(n)]
+
+
+def _decoded(imgs, repeat):
+    return ga.pad_collate([ga.DecodeOnly()(img) for img in imgs for _ in range(repeat)])
+
+
+def test_moco_views_match_the_pil_pipelines_statistics():
+    imgs = _images()
     cpu = common.moco_v2_augmentation(64)
     a = torch.stack([cpu(img) for img in imgs for _ in range(4)])  # (384, 3, 64, 64)
-    batch = ga.pad_collate([ga.DecodeOnly()(img) for img in imgs for _ in range(2)])
-    b = torch.cat(ga.MoCoV2Views(64)(batch, torch.device("cpu")))  # (384, 3, 64, 64)
+    b = torch.cat(ga.MoCoV2Views(64)(_decoded(imgs, 2), torch.device("cpu")))  # (384, 3, 64, 64)
     assert a.shape == b.shape
-    for stat in (lambda v: v.mean((1, 2, 3)), lambda v: v.std((1, 2, 3)), lambda v: v.std(1).mean((1, 2))):
-        sa, sb = stat(a), stat(b)  # per view; the last one: colourfulness (0 for grayscale views)
-        se = math.sqrt(sa.var() / len(sa) + sb.var() / len(sb))  # of the difference of the means
-        assert abs(sa.mean() - sb.mean()) < 4 * se and abs(sa.std() - sb.std()) < 0.15 * sa.std()
+    _moments(a, b)
+
+
+def test_decon_views_boxes_and_flips_match_the_cpu_pipeline():
+    import decon
+    imgs = _images()
+    cpu = decon.TwoCropsWithOverlap(64, 0.08)
+    out = [cpu(img) for img in imgs for _ in range(3)]
+    views, boxes, flips = ga.OverlappingViews(64, 0.08, decon.overlap_boxes)(_decoded(imgs, 3), torch.device("cpu"))
+    assert boxes.shape == (288, 2, 4) and flips.shape == (288, 2) and views[0].shape == (288, 3, 64, 64)
+    for k in (0, 1):  # view 2 is the solarized branch
+        _moments(torch.stack([o[0][k] for o in out]), views[k])
+    area = lambda bx: ((bx[..., 2] - bx[..., 0]) * (bx[..., 3] - bx[..., 1]))  # the overlap's share of each view
+    _moments(area(torch.stack([o[1] for o in out]))[:, :, None, None], area(boxes)[:, :, None, None])
+    assert (boxes >= -1e-6).all() and (boxes <= 1 + 1e-6).all()
+
+
+def test_batched_overlap_boxes_equal_the_per_image_ones():
+    import decon
+    torch.manual_seed(0)
+    b1, b2 = ga.crop_params(torch.tensor([[60.0, 80.0]]).repeat(2 * 16, 1), (0.3, 1.0)).div(torch.tensor([80.0, 60.0] * 2)).split(16)
+    f1, f2 = torch.rand(16) < 0.5, torch.rand(16) < 0.5
+    batched = decon.overlap_boxes(b1, f1, b2, f2)
+    torch.testing.assert_close(batched, torch.stack([decon.overlap_boxes(b1[i], bool(f1[i]), b2[i], bool(f2[i]))
+                                                     for i in range(16)]))
+
+
+def test_mcl_and_adclr_views_match_the_cpu_pipelines():
+    import adclr
+    import mcl
+    imgs = _images(48)
+    cpu = [mcl.EightCrops(64)(img) for img in imgs for _ in range(2)]
+    gpu = ga.EightCropViews(64)(_decoded(imgs, 2), torch.device("cpu"))
+    assert len(gpu) == 8 and gpu[0].shape == (96, 3, 64, 64)
+    for k in (0, 7):  # a view of each branch
+        _moments(torch.stack([c[k] for c in cpu]), gpu[k])
+    a = adclr.get_args(["--global-size", "64", "--local-size", "32", "--local-crops", "2", "--num-queries", "4",
+                        "--query-size", "16", "--query-augment", "local"])
+    cpu = [adclr.MultiCropWithQueries(a)(img) for img in imgs for _ in range(2)]
+    g, l, q = ga.MultiCropViews(a)(_decoded(imgs, 2), torch.device("cpu"))
+    assert len(g) == 2 and len(l) == 2 and q.shape == (96, 4, 3, 16, 16) and l[0].shape == (96, 3, 32, 32)
+    _moments(torch.stack([c[0][1] for c in cpu]), g[1])
+    _moments(torch.stack([c[1][0] for c in cpu]), l[0])
+    _moments(torch.stack([c[2] for c in cpu]).flatten(0, 1), q.flatten(0, 1))
+
+
+def test_solarize_equals_torchvisions():
+    x = torch.rand(2, 3, 8, 8)
+    ours = ga.colour(x, (0, 0, 0, 0), 0.0, 0.0, 0.0, 1.0, 3)
+    torch.testing.assert_close(ours, ga.normalise(TF.solarize(x, 128 / 255)))
 
 
 def test_decode_only_caps_the_long_side_and_pads():

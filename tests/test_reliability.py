@@ -53,7 +53,8 @@ def _tensors(obj, prefix=""):
 
 
 @pytest.mark.parametrize("method,workers,extra", [(m, "0", []) for m in RUNS] + [("densecl", "2", []),
-                                                                                 ("moco", "2", ["--gpu-augment"])])
+                                                                                 ("moco", "2", ["--gpu-augment"]),
+                                                                                 ("decon", "0", ["--gpu-augment"])])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method, workers, extra):
     """Stop at step 3 (not an epoch boundary), resume, finish: every tensor of the final checkpoint,
     weights, optimizer state, queues, centers and RNG states, equals the uninterrupted run's."""
