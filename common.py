@@ -86,8 +86,9 @@ def _texture(cls, u, v, size, rng):
     return (rng.random((iv.max() + 1, iu.max() + 1)) < 0.5)[iv, iu].astype(np.float32)
 
 
-def synthetic_scene(index, seed=0, size=224):
-    """Scene `index` as (PIL RGB image, uint8 label map; 0 = background, k = SHAPES[k-1]).
+def synthetic_scene(index, seed=0, size=224, instances=False):
+    """Scene `index` as (PIL RGB image, uint8 label map; 0 = background, k = SHAPES[k-1]), and with
+    instances=True also the uint8 instance map (0 = none, k = the k-th object drawn, as occluded).
 
     Deterministic in (seed, index). Each object's class shows in its shape and in its texture (a
     class-specific pattern of its two colours, drawn in the object's own frame: TEXTURES). Both
@@ -108,8 +109,8 @@ def synthetic_scene(index, seed=0, size=224):
     cells = size // block + 1
     noise = rng.normal(0, 20, (cells, cells, 1)).astype(np.float32)
     img += noise.repeat(block, 0).repeat(block, 1)[:size, :size]
-    label = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(3, 7)):  # 3-6 objects: about 45% of the pixels are foreground
+    label, instance = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8)
+    for k in range(1, rng.integers(3, 7) + 1):  # 3-6 objects: about 45% of the pixels are foreground
         cls = int(rng.integers(len(SHAPES)))
         rad = rng.uniform(0.2, 0.4) * size
         cx, cy = rng.uniform(0, size, 2)
@@ -126,7 +127,9 @@ def synthetic_scene(index, seed=0, size=224):
         texture = _texture(cls, u, v, size, rng)[..., None]
         img[y0:y1, x0:x1][mask] = (colours[0] + (colours[1] - colours[0]) * texture)[mask]
         label[y0:y1, x0:x1][mask] = cls + 1
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), label
+        instance[y0:y1, x0:x1][mask] = k
+    image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return (image, label, instance) if instances else (image, label)
 
 
 class SyntheticScenes(Dataset):

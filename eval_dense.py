@@ -69,7 +69,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="dense downstream evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", default="random", help="random | a run folder | a downstream.pth | a torchvision state dict")
     p.add_argument("--arch", default=None, help="resnet18 | resnet50 (default: from --init's metadata, else resnet50)")
-    p.add_argument("--task", default="probe", choices=["probe", "finetune"])
+    p.add_argument("--task", default="probe", choices=["probe", "finetune", "detect", "instance"],
+                   help="detect / instance: Faster / Mask R-CNN R50-FPN (detection.py; needs pycocotools)")
     p.add_argument("--head", default="fcn", choices=["fcn", "fpn", "linear"],
                    help="finetune head; linear: the probe's head trained end to end (the miniature's supervised ceiling)")
     p.add_argument("--probe-layers", default="c5", choices=["c5", "c345"],
@@ -81,15 +82,27 @@ def get_args(argv=None):
     p.add_argument("--init-decoder", action="store_true", help="initialise the FPN head from the pre-trained decoder")
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch (default: from --init's metadata, else 16)")
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32], help="dilated ResNet (protocol: 8)")
-    p.add_argument("--data", default="synthetic", choices=["synthetic", "voc", "cityscapes", "ade20k"])
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "voc", "cityscapes", "ade20k", "coco"],
+                   help="coco: detection / instance only")
     p.add_argument("--data-root", default=common.default_data_root())
     p.add_argument("--crop-size", type=int, default=224, help="training crop (VOC protocol 512, Cityscapes 769)")
     p.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training scenes")
     p.add_argument("--synthetic-val", type=int, default=200, help="synthetic validation scenes")
     p.add_argument("--synthetic-size", type=int, default=224, help="side of a synthetic scene")
-    p.add_argument("--iters", type=int, default=2000, help="training iterations (VOC protocol 20k, Cityscapes 40k)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="training iterations (default 2000; VOC protocol 20k, Cityscapes 40k; --data coco detection 90k)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (protocol: 16)")
-    p.add_argument("--lr", type=float, default=0.01, help="lr, poly 0.9 (protocol: SGD 0.01)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="segmentation: poly 0.9 from it (protocol: SGD 0.01); detection: 0.02 x batch / 16, steps")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="detection: lr x0.1 at these iterations (default 2/3 and 8/9 of --iters: 60k, 80k of 90k)")
+    p.add_argument("--warmup", type=int, default=None, help="detection: linear warm-up iterations (1000, at most iters/10)")
+    p.add_argument("--train-sizes", type=int, nargs="+", default=None,
+                   help="detection: short sides drawn per image (coco: 640-800 by 32; synthetic: --synthetic-size)")
+    p.add_argument("--test-size", type=int, default=None, help="detection: short side at test (coco: 800)")
+    p.add_argument("--max-size", type=int, default=1333, help="detection: long side cap")
+    p.add_argument("--proposals", type=int, default=1000, help="detection: RPN proposals kept per image (detectron2 FPN: 1000)")
+    p.add_argument("--rois-per-image", type=int, default=512, help="detection: sampled RoIs per training image (512)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="(protocol: SGD, momentum 0.9)")
     # The next five default to the protocol of --data (seg_data.PROTOCOLS); each can be overridden.
     p.add_argument("--base-size", type=int, default=None,
@@ -120,10 +133,21 @@ def get_args(argv=None):
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"),
                    help="detectron2 OUT.pkl | torchvision OUT.pth | timm OUT.pth (ViTs), then exit")
     args = p.parse_args(argv)
+    detection = args.task in ("detect", "instance")
+    if args.data == "coco" and not detection:
+        p.error("--data coco is for --task detect / instance; segmentation takes voc, cityscapes, ade20k or synthetic")
+    coco = detection and args.data == "coco"
+    args.iters = args.iters or (90000 if coco else 2000)
+    args.lr = args.lr or ((0.02 * args.batch_size / 16) if detection else 0.01)
+    if detection:
+        args.steps = args.steps or ([60000, 80000] if coco and args.iters == 90000 else [args.iters * 2 // 3, args.iters * 8 // 9])
+        args.warmup = min(1000, args.iters // 10) if args.warmup is None else args.warmup
+        args.train_sizes = args.train_sizes or (list(range(640, 801, 32)) if coco else [args.synthetic_size])
+        args.test_size = args.test_size or (800 if coco else args.synthetic_size)
     common.check_args(p, args, positive=("iters", "batch_size", "lr", "crop_size", "synthetic_train", "synthetic_val",
                                          "synthetic_size", "log_every", "save_every"),
                       non_negative=("workers", "aux_weight", "pictures"))
-    for k, v in seg_data.PROTOCOLS[args.data].items():  # the dataset's protocol where a flag was not given
+    for k, v in seg_data.PROTOCOLS.get(args.data, {}).items():  # the dataset's protocol where a flag was not given
         if getattr(args, k) is None:
             setattr(args, k, v(args) if callable(v) else v)
     if args.val_resize is not None and 0 in args.val_resize:
@@ -133,16 +157,16 @@ def get_args(argv=None):
     if args.slide is not None and args.slide[1] > args.slide[0]:
         p.error("--slide CROP STRIDE: the stride must not exceed the crop (windows would leave gaps)")
     if args.weight_decay is None:
-        args.weight_decay = 0.0 if args.task == "probe" else 5e-4
+        args.weight_decay = 0.0 if args.task == "probe" else 1e-4 if detection else 5e-4
     common.check_args(p, args, non_negative=("weight_decay",))
     common.split_batch(p, args)
-    if args.init_decoder and (args.task != "finetune" or args.head != "fpn"):
-        p.error("--init-decoder needs --task finetune --head fpn")
+    if args.init_decoder and not detection and (args.task != "finetune" or args.head != "fpn"):
+        p.error("--init-decoder needs --task finetune --head fpn, or --task detect / instance")
     if args.output_dir is None:  # one folder per configuration: another run never resumes this one's results
         init = "random" if args.init == "random" else "-".join(Path(args.init).resolve().parts[-2:]).removesuffix(".pth")
         config = {k: v for k, v in sorted(vars(args).items()) if k not in common.NEUTRAL_ARGS}
         digest = hashlib.sha1(json.dumps(config, default=str).encode()).hexdigest()[:8]
-        head = f"-{args.head}" + ("-decoder" if args.init_decoder else "") if args.task == "finetune" else ""
+        head = (f"-{args.head}" if args.task == "finetune" else "") + ("-decoder" if args.init_decoder else "")
         args.output_dir = f"runs/eval/{init}-{args.task}{head}-{args.data}-{digest}"
     return args
 
@@ -439,6 +463,9 @@ def main(argv=None):
     args = get_args(argv)
     if args.export:
         return weights.export(args)
+    if args.task in ("detect", "instance"):  # detection.py: R-CNN, COCO AP
+        import detection
+        return detection.run(args)
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
     out = common.prepare_output(args, __file__)

@@ -1,0 +1,393 @@
+"""Detection and instance segmentation for eval_dense.py (--task detect | instance).
+
+The papers' headline results are COCO detection with Mask R-CNN R50-FPN 1x in detectron2 (MCL,
+DeCon, SlotCon; DenseCL also VOC). This is that protocol in plain torchvision, so that no
+detectron2 build is needed:
+
+    python eval_dense.py --init runs/mcl --task instance --init-decoder                 # synthetic scenes
+    torchrun --nproc_per_node=8 eval_dense.py --init runs/densecl --task instance --data coco   # the 1x schedule
+
+Model: torchvision's MaskRCNN (--task instance) or FasterRCNN (--task detect) on the pre-trained
+ResNet with an FPN (P2-P6), BatchNorm in backbone, FPN and heads (SyncBN under torchrun on CUDA, as
+the papers' configs), the 4conv1fc box head (MCL's and DeCon's configs; detectron2's
+FastRCNNConvFCHead NUM_CONV 4 NUM_FC 1) and the 4-conv mask head. --init-decoder starts the FPN
+from a pre-trained DeCon or MCL decoder and, for MCL, the box head's four convs from its region
+head. Schedule for --data coco (the 1x): 90k iterations at batch 16, SGD lr 0.02, momentum 0.9,
+weight decay 1e-4, linear warm-up over 1000 iterations from lr/1000, x0.1 at 60k and 80k;
+multi-scale training (short side 640-800 by 32, long side <= 1333), test at 800; flips.
+
+Metrics: COCO AP, AP50, AP75 for boxes (and masks) with pycocotools (an optional dependency of
+this task: `pip install pycocotools`), on COCO val2017 or on the synthetic scenes as instances
+(every object its visible mask and box after occlusion; classes as in the segmentation task).
+Pictures: predictions (boxes, masks, class names, score > 0.5) on the first validation images.
+
+Deviations from detectron2's configs: torchvision's R-CNN implementation (its RoIAlign sampling,
+anchor matching and loss normalisation differ in details from detectron2's); the RPN head has one
+conv, as detectron2's default; no precise BN recomputation before testing; the VOC07+12 Faster
+R-CNN C4 protocol is not implemented.
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import common
+import weights
+
+
+
+def require_pycocotools():
+    try:
+        import pycocotools  # noqa: F401
+    except ImportError:
+        raise SystemExit("--task detect / instance needs pycocotools for COCO AP: pip install pycocotools") from None
+
+
+# =================================================================================================
+# Data: COCO instances and the synthetic scenes as instances
+# =================================================================================================
+def flip_target(img, target):
+    img = img.flip(-1)
+    w = img.shape[-1]
+    target = dict(target, boxes=target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([w, 0, w, 0]))
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return img, target
+
+
+class SyntheticInstances(Dataset):
+    """The synthetic scenes as instances: each object's visible mask (occlusion applied), its box and
+    class (1-8; 0 is background). Objects with fewer than `min_area` visible pixels are dropped."""
+
+    def __init__(self, length, size, seed, split, train, min_area=16):
+        self.length, self.size, self.seed, self.train, self.min_area = length, size, seed, train, min_area
+        self.offset = 0 if split == "train" else common.VAL_INDEX_OFFSET
+
+    def __len__(self):
+        return self.length
+
+    def annotations(self, i):
+        """(image, boxes (N, 4) xyxy, labels (N,), masks (N, H, W) uint8)."""
+        img, label, inst = common.synthetic_scene(self.offset + i, self.seed, self.size, instances=True)
+        boxes, labels, masks = [], [], []
+        for k in np.unique(inst[inst > 0]):
+            m = inst == k
+            if m.sum() < self.min_area:
+                continue
+            ys, xs = np.nonzero(m)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            labels.append(int(label[m][0]))
+            masks.append(m)
+        return (img, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64),
+                torch.from_numpy(np.stack(masks) if masks else np.zeros((0, self.size, self.size), bool)).to(torch.uint8))
+
+    def __getitem__(self, i):
+        img, boxes, labels, masks = self.annotations(i)
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+        target = {"boxes": boxes, "labels": labels, "masks": masks, "image_id": i}
+        if self.train and np.random.rand() < 0.5:
+            x, target = flip_target(x, target)
+        return x, target
+
+
+class CocoInstances(Dataset):
+    """COCO's instances_{split}2017.json: boxes (xywh -> xyxy), the 80 categories as 1-80, masks
+    from polygons or RLE; crowd and degenerate boxes left out of training, as detectron2."""
+
+    def __init__(self, root, split, train, with_masks):
+        from pycocotools.coco import COCO
+        ann = Path(root) / "coco" / "annotations" / f"instances_{split}2017.json"
+        if not ann.exists():
+            raise FileNotFoundError(f"--data coco: {ann} not found; expected coco/{{train2017,val2017}} and "
+                                    f"coco/annotations/instances_{{train,val}}2017.json below --data-root")
+        self.coco, self.folder = COCO(str(ann)), Path(root) / "coco" / f"{split}2017"
+        self.ids = sorted(self.coco.getImgIds())
+        if train:  # images without a usable object teach nothing (detectron2 drops them too)
+            self.ids = [i for i in self.ids if any(not a["iscrowd"] for a in self.coco.loadAnns(self.coco.getAnnIds(i)))]
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.train, self.with_masks = train, with_masks
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        info = self.coco.loadImgs(self.ids[i])[0]
+        img = common.open_rgb(self.folder / info["file_name"])
+        anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(self.ids[i])) if not a["iscrowd"]
+                and a["bbox"][2] > 1 and a["bbox"][3] > 1]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        target = {"boxes": boxes, "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+                  "image_id": self.ids[i]}
+        if self.with_masks:
+            target["masks"] = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns]) if anns else
+                                               np.zeros((0, info["height"], info["width"]), np.uint8))
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+        if self.train and np.random.rand() < 0.5:
+            x, target = flip_target(x, target)
+        return x, target
+
+
+def coco_ground_truth(dataset, names):
+    """A pycocotools COCO object for the validation set (the file itself for COCO)."""
+    from pycocotools import mask as mask_util
+    from pycocotools.coco import COCO
+    if isinstance(dataset, CocoInstances):
+        return dataset.coco
+    images, anns = [], []
+    for i in range(len(dataset)):
+        img, boxes, labels, masks = dataset.annotations(i)
+        images.append({"id": i, "width": img.width, "height": img.height})
+        for b, l, m in zip(boxes.tolist(), labels.tolist(), masks.numpy()):
+            rle = mask_util.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode()
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": l, "iscrowd": 0, "area": float(m.sum()),
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "segmentation": rle})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+    gt.createIndex()
+    return gt
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def build_data(args, device):
+    """Training loader, validation loader, number of classes (with background), class names."""
+    with_masks = args.task == "instance"
+    if args.data == "coco":
+        train = CocoInstances(args.data_root, "train", True, with_masks)
+        val = CocoInstances(args.data_root, "val", False, with_masks)
+        names = [c["name"] for c in train.coco.loadCats(train.cat_ids)]
+    elif args.data == "synthetic":
+        train = SyntheticInstances(args.synthetic_train, args.synthetic_size, args.seed, "train", True)
+        val = SyntheticInstances(args.synthetic_val, args.synthetic_size, args.seed, "val", False)
+        names = list(common.SYNTHETIC_CLASSES[1:])
+    else:
+        raise SystemExit(f"--task {args.task}: --data coco or synthetic (got {args.data}); VOC detection is not implemented")
+    train_loader = common.make_loader(train, args.batch_per_rank, args.workers, args.seed, device, collate)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    val_sampler = list(range(rank, len(val), common.world_size())) if common.world_size() > 1 else None
+    val_loader = DataLoader(val, batch_size=max(1, args.batch_per_rank // 2), sampler=val_sampler,
+                            num_workers=args.workers, collate_fn=collate)
+    return train_loader, val_loader, len(names) + 1, names
+
+
+# =================================================================================================
+# Model: R-CNN on the pre-trained ResNet, FPN and heads with BatchNorm
+# =================================================================================================
+def build_model(args, arch, num_classes, backbone_state, meta):
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+    trunk = common.ResNetTrunk(arch)
+    if backbone_state is not None:
+        weights.load_backbone(trunk, backbone_state, arch, meta, args.init)
+    body = BackboneWithFPN(trunk, {f"layer{i}": str(i - 1) for i in range(1, 5)}, trunk.channels, 256,
+                           extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+    box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)  # 4conv1fc
+    kw = dict(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes), min_size=args.train_sizes,
+              max_size=args.max_size, image_mean=common.IMAGENET_MEAN, image_std=common.IMAGENET_STD,
+              rpn_post_nms_top_n_train=args.proposals, rpn_post_nms_top_n_test=args.proposals,
+              box_batch_size_per_image=args.rois_per_image)
+    if args.task == "instance":
+        model = MaskRCNN(body, mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d),
+                         mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **kw)
+    else:
+        model = FasterRCNN(body, **kw)
+    if args.init_decoder:
+        load_decoder(model, meta)
+    return model
+
+
+def load_decoder(model, meta):
+    """The pre-trained FPN (common.FPN names) into torchvision's FPN, and MCL's region-head convs
+    (mcl.RegionHead.convs names: 3i conv, 3i+1 BN) into the box head's four convs."""
+    if meta.get("decoder") is None or (meta.get("decoder_cfg") or {}).get("type", "fpn") != "fpn":
+        raise ValueError(f"--init-decoder: the checkpoint holds no pre-trained FPN decoder (method {meta.get('method')})")
+    fpn, loaded = {}, []
+    for k, v in meta["decoder"].items():
+        parts = k.split(".")  # lateral.i.{0,1}.x or output.pN.{0,1}.x
+        block = "inner_blocks" if parts[0] == "lateral" else "layer_blocks"
+        index = parts[1] if parts[0] == "lateral" else str(int(parts[1][1:]) - 2)
+        fpn[".".join([block, index, *parts[2:]])] = v
+        loaded.append(f"{block}.{index}")
+    missing, unexpected = model.backbone.fpn.load_state_dict(fpn, strict=False)
+    if unexpected:
+        raise ValueError(f"--init-decoder: decoder tensors with no place in the FPN: {unexpected[:4]}")
+    common.print0(f"--init-decoder: FPN blocks {sorted(set(loaded))} from the pre-trained decoder")
+    convs = meta.get("region_head_convs")
+    if convs:
+        head = {f"{int(k.split('.')[0]) // 3}.{int(k.split('.')[0]) % 3}.{k.split('.', 1)[1]}": v for k, v in convs.items()}
+        model.roi_heads.box_head.load_state_dict(head, strict=False)
+        common.print0("--init-decoder: the box head's four convs from MCL's region head")
+
+
+# =================================================================================================
+# Evaluation: COCO AP, pictures
+# =================================================================================================
+@torch.no_grad()
+def evaluate(model, loader, gt, names, args, dtype, device, out):
+    """COCO AP / AP50 / AP75 for boxes (and masks) over the validation set, gathered to rank 0."""
+    from pycocotools import mask as mask_util
+    from pycocotools.cocoeval import COCOeval
+    model.eval()
+    label_to_cat = (loader.dataset.cat_ids if isinstance(loader.dataset, CocoInstances) else list(range(1, len(names) + 1)))
+    results, pictures = [], []
+    for images, targets in common.progress(loader, 0, 1):
+        with common.autocast(device, dtype):
+            outputs = model([x.to(device) for x in images])
+        for x, t, o in zip(images, targets, outputs):
+            o = {k: v.float().cpu() for k, v in o.items()}
+            for j in range(len(o["boxes"])):
+                b = o["boxes"][j].tolist()
+                r = {"image_id": int(t["image_id"]), "category_id": label_to_cat[int(o["labels"][j]) - 1],
+                     "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(o["scores"][j])}
+                if "masks" in o:
+                    rle = mask_util.encode(np.asfortranarray((o["masks"][j, 0] > 0.5).numpy().astype(np.uint8)))
+                    r["segmentation"] = dict(rle, counts=rle["counts"].decode())
+                results.append(r)
+            if len(pictures) < args.pictures:
+                pictures.append((x, o))
+    if common.world_size() > 1:
+        gathered = [None] * common.world_size()
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    model.train()
+    if not common.is_main():
+        return None
+    metrics = {}
+    for kind in ("bbox", "segm") if args.task == "instance" else ("bbox",):
+        name = "box" if kind == "bbox" else "mask"
+        if not results:  # nothing detected: AP 0 (pycocotools refuses an empty result list)
+            metrics.update({f"{name}_AP": 0.0, f"{name}_AP50": 0.0, f"{name}_AP75": 0.0})
+            continue
+        ev = COCOeval(gt, gt.loadRes(results), kind)
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        ap = [max(float(v), 0.0) * 100 for v in ev.stats[:3]]  # -1 (no ground truth) reads as 0
+        metrics.update({f"{name}_AP": ap[0], f"{name}_AP50": ap[1], f"{name}_AP75": ap[2]})
+    if pictures:
+        save_pictures(pictures, names, out / "predictions.png")
+    return metrics
+
+
+def save_pictures(pictures, names, path, threshold=0.5):
+    """One row of images: predicted masks, boxes and class names with score > threshold."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    tiles = []
+    for x, o in pictures:
+        img = (x * 255).to(torch.uint8)
+        keep = o["scores"] > threshold
+        if "masks" in o and keep.any():
+            img = draw_segmentation_masks(img, o["masks"][keep, 0] > 0.5, alpha=0.45)
+        if keep.any():
+            img = draw_bounding_boxes(img, o["boxes"][keep], [f"{names[int(l) - 1]} {s:.2f}" for l, s in
+                                                              zip(o["labels"][keep], o["scores"][keep])], colors="yellow")
+        tiles.append(Image.fromarray(img.permute(1, 2, 0).numpy()))
+    h = max(t.height for t in tiles)
+    grid = Image.new("RGB", (sum(t.width for t in tiles), h), "white")
+    left = 0
+    for t in tiles:
+        grid.paste(t, (left, 0))
+        left += t.width
+    grid.save(path)
+
+
+# =================================================================================================
+# Train and run
+# =================================================================================================
+def lr_at(step, args):
+    """Linear warm-up from lr/1000 (detectron2's WarmupMultiStepLR), then x0.1 at each of args.steps."""
+    warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    return args.lr * (0.001 + 0.999 * warm) * 0.1 ** sum(step >= s for s in args.steps)
+
+
+def run(args):
+    require_pycocotools()
+    rank, world, device = common.init_distributed()
+    common.seed_everything(args.seed)
+    out = common.prepare_output(args, __file__)
+    log = common.JsonLog(out / "log.jsonl")
+    dtype = common.amp_dtype(args.amp, device)
+    backbone_state, meta = weights.load_init(args.init)
+    arch = args.arch or meta.get("arch") or "resnet50"
+    if arch.startswith("vit"):
+        raise SystemExit("--task detect / instance: ResNet backbones only (a ViT needs a ViTDet-style detector)")
+    train_loader, val_loader, num_classes, names = build_data(args, device)
+    model = build_model(args, arch, num_classes, backbone_state, meta).to(device)
+    model = common.sync_batchnorm(model, True)  # SyncBN in backbone, FPN and heads under torchrun on CUDA
+    common.print0(f"eval_dense | {args.task} | init {args.init} ({meta.get('method')}, {arch}) | {args.data}: "
+                  f"{num_classes - 1} classes, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val | "
+                  f"{args.iters} iters, batch {args.batch_size}, lr {args.lr:g}, steps {list(args.steps)} | device {device}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ckpt_path = out / "checkpoint.pth"
+    step, _ = common.resume(ckpt_path, {"model": model}, optimizer, scaler, device, args, log)
+    running = torch.zeros((), device=device)
+    save = lambda: common.save_checkpoint(ckpt_path, {"model": model}, optimizer, scaler, step, args, losses=running)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    tick, tick_step = time.time(), step
+    common.catch_stop_signals()
+    epoch = step // len(train_loader)
+    while step < args.iters:
+        train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.skip = (step - epoch * len(train_loader)) * args.batch_per_rank
+        bar = common.progress(train_loader, epoch, -(-args.iters // len(train_loader)))
+        for images, targets in bar:
+            if step >= args.iters:
+                break
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, args)
+            images = [x.to(device, non_blocking=True) for x in images]
+            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            with common.autocast(device, dtype):
+                losses = net(images, targets)  # rpn objectness / box, roi classifier / box (/ mask)
+            loss = sum(v.float() for v in losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            running += loss.detach()
+            step += 1
+            stop = common.stop_requested()
+            if step % args.log_every == 0 or step == args.iters or stop:
+                common.check_finite(running, {"model": model}, step, ckpt_path)
+                mean = common.mean_over_ranks(running).item() / (step - tick_step)
+                speed = (step - tick_step) * args.batch_size / (time.time() - tick)
+                bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr_at(step - 1, args):.4f}", img_s=f"{speed:.1f}")
+                log.write(step=step, loss=mean, lr=lr_at(step - 1, args), images_per_s=speed,
+                          **{k: float(v) for k, v in losses.items()})
+                running.zero_()
+                tick, tick_step = time.time(), step
+            if step % args.save_every == 0 or stop:
+                save()
+            if stop:
+                common.exit_on_signal(stop, step, ckpt_path)
+        train_loader.sampler.skip = 0
+        epoch += 1
+    save()
+    model.transform.min_size = (args.test_size,)  # single-scale testing
+    gt = coco_ground_truth(val_loader.dataset, names) if common.is_main() else None
+    metrics = evaluate(model, val_loader, gt, names, args, dtype, device, out)
+    if common.is_main():
+        metrics.update(task=args.task, init=args.init, method=meta.get("method"), arch=arch, data=args.data,
+                       iters=args.iters, init_decoder=args.init_decoder)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+        print("\n| metric | value |\n|---|---|")
+        for k in [k for k in metrics if "AP" in k]:
+            print(f"| {k} | {metrics[k]:.2f} |")
+        print(f"\n-> {out / 'metrics.json'}, {out / 'predictions.png'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
