@@ -46,7 +46,7 @@ TARGET = 1.10  # the issue's target: step <= 1.10 x the networks floor
 def configs(args):
     """The shapes of each part: the real ones, or --tiny's (seconds on a CPU)."""
     if args.tiny:
-        return dict(arch="resnet18", vit="vit_micro", image_size=32, batch=8, mcl_batch=32, steps=1, warmup=1, check_steps=2, images=32,
+        return dict(arch="resnet18", vit="vit_micro", image_size=32, batch=8, mcl_batch=32, steps=1, warmup=0, check_steps=2, images=16,
                     workers=0,
                     extra={"adclr": ["--global-size", "32", "--local-size", "16", "--local-crops", "2", "--num-queries",
                                      "4", "--out-dim", "128", "--patch-size", "8"],

@@ -137,10 +137,10 @@ def get_args(argv=None):
     if args.data == "coco" and not detection:
         p.error("--data coco is for --task detect / instance; segmentation takes voc, cityscapes, ade20k or synthetic")
     coco = detection and args.data == "coco"
-    args.iters = args.iters or (90000 if coco else 2000)
-    args.lr = args.lr or ((0.02 * args.batch_size / 16) if detection else 0.01)
+    args.iters = (90000 if coco else 2000) if args.iters is None else args.iters
+    args.lr = ((0.02 * args.batch_size / 16) if detection else 0.01) if args.lr is None else args.lr
     if detection:
-        args.steps = args.steps or ([60000, 80000] if coco and args.iters == 90000 else [args.iters * 2 // 3, args.iters * 8 // 9])
+        args.steps = args.steps or [args.iters * 2 // 3, args.iters * 8 // 9]  # 60k, 80k of the 1x's 90k
         args.warmup = min(1000, args.iters // 10) if args.warmup is None else args.warmup
         args.train_sizes = args.train_sizes or (list(range(640, 801, 32)) if coco else [args.synthetic_size])
         args.test_size = args.test_size or (800 if coco else args.synthetic_size)
