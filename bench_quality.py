@@ -30,9 +30,9 @@ import common
 
 # The budget of each tier: scene side, batch, images per pre-training, probe scenes.
 TIERS = {
-    "cpu": dict(size=64, batch=32, images=8192, epoch_len=1024, probe_train=1000, probe_val=200, workers=2),
-    "gpu": dict(size=64, batch=128, images=81920, epoch_len=8192, probe_train=2000, probe_val=500, workers=8),
-    "toy": dict(size=32, batch=32, images=64, epoch_len=32, probe_train=16, probe_val=8, workers=0),  # the test
+    "cpu": dict(size=64, batch=32, images=8192, epoch_len=1024, probe_train=1000, probe_val=200, workers=2, det_iters=300),
+    "gpu": dict(size=64, batch=128, images=81920, epoch_len=8192, probe_train=2000, probe_val=500, workers=8, det_iters=3000),
+    "toy": dict(size=32, batch=32, images=64, epoch_len=32, probe_train=16, probe_val=8, workers=0, det_iters=2),  # the test
 }
 FRACTIONS = (0.0, 0.25, 0.5, 1.0)  # where the learning curves are probed
 
@@ -104,6 +104,25 @@ def probe_args(init, arch, seed, tier, out):
             "--output-dir", str(out)]
 
 
+def detection_args(init, arch, seed, tier, out):
+    """--detection: Mask R-CNN fine-tuned end to end on the scenes as instances (eval_dense.py --task
+    instance), the same for every row: batch 8, det_iters iterations, 100 proposals and 128 RoIs per
+    image (a scene holds at most 6 objects; the COCO 1x's 1000 / 512 would only cost time)."""
+    t = TIERS[tier]
+    return ["--init", str(init), "--arch", arch, "--task", "instance", "--synthetic-size", str(t["size"]),
+            "--synthetic-train", str(t["probe_train"]), "--synthetic-val", str(t["probe_val"]), "--iters",
+            str(t["det_iters"]), "--batch-size", "8", "--proposals", "100", "--rois-per-image", "128", "--seed", str(seed),
+            "--workers", str(t["workers"]), "--pictures", "2", "--output-dir", str(out)]
+
+
+def detect(init, arch, seed, tier, out):
+    """Detection AP of `init` into `out` (skipped if done): {"box_AP", "mask_AP", ...}."""
+    if not (Path(out) / "metrics.json").exists():
+        import eval_dense
+        eval_dense.main(detection_args(init, arch, seed, tier, out))
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
 def run(cmd, log):
     """Run a script to completion, its output into `log`; stop the benchmark on failure."""
     t = time.perf_counter()
@@ -129,8 +148,9 @@ def moved(a, b):
     return 100 * (sum(((b[k] - a[k]) ** 2).sum() for k in keys) / sum((a[k] ** 2).sum() for k in keys)).sqrt().item()
 
 
-def one_seed(seed, tier, root, methods, times):
-    """Every run of one seed; returns {name: {fraction: mIoU}, ...} plus 'moved'."""
+def one_seed(seed, tier, root, methods, times, detection=False):
+    """Every run of one seed; returns {name: {fraction: mIoU}, ...} plus 'moved' (and 'det': box and
+    mask AP of the final weights with detection=True, ResNets only)."""
     base = root / f"s{seed}"
     results = {}
     for arch in ("resnet18", "vit_micro"):
@@ -143,6 +163,7 @@ def one_seed(seed, tier, root, methods, times):
         if not (base / ceiling / "downstream.pth").exists():
             times[f"s{seed}/{ceiling}"] = run(ceiling_command(arch, seed, tier, base / ceiling), base / f"{ceiling}.log")
         results[ceiling] = {1.0: probe(base / ceiling, arch, seed, tier, base / f"probe-{ceiling}")["mIoU"]}
+        finals = {floor: "random", ceiling: base / ceiling / "downstream.pth"}
         for method in family:
             run_dir, curve = base / method, {}
             cmd = pretrain_command(method, seed, tier, run_dir)
@@ -156,6 +177,11 @@ def one_seed(seed, tier, root, methods, times):
                 curve[frac] = probe(snapshot, arch, seed, tier, base / f"probe-{method}-{int(frac * 100)}")["mIoU"]
             results[method] = curve
             results[method]["moved"] = moved(run_dir / "downstream-0.pth", run_dir / "downstream-100.pth")
+            finals[method] = run_dir / "downstream-100.pth"
+        if detection and arch == "resnet18":  # the same fine-tuning from every row's final weights
+            for name, init in finals.items():
+                m = detect(init, arch, seed, tier, base / f"detect-{name}")
+                results[name]["det"] = (m["box_AP"], m["mask_AP"])
     return results
 
 
@@ -170,6 +196,11 @@ def summary(per_seed, seeds):
             row["curve_std"] = {str(f): float(np.std([per_seed[s][name][f] for s in seeds], ddof=1)) if len(seeds) > 1
                                 else 0.0 for f in FRACTIONS}
             row["moved"] = float(np.mean([per_seed[s][name]["moved"] for s in seeds]))
+        if "det" in per_seed[seeds[0]][name]:
+            for i, key in enumerate(("box_AP", "mask_AP")):
+                values = [per_seed[s][name]["det"][i] for s in seeds]
+                row[key] = {"per_seed": values, "mean": float(np.mean(values)),
+                            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
         rows[name] = row
     return rows
 
@@ -177,10 +208,14 @@ def summary(per_seed, seeds):
 def markdown(rows, seeds, times, tier):
     """The README table: floor and ceiling in every family, SSL rows with their distance to the floor."""
     t = TIERS[tier]
+    det = any("box_AP" in r for r in rows.values())
     lines = [f"Tier {tier}: {t['images']} images per pre-training (batch {t['batch']}, {t['size']} px), seeds "
-             f"{', '.join(map(str, seeds))}; probe mIoU, mean ± std over the seeds.", "",
+             f"{', '.join(map(str, seeds))}; probe mIoU, mean ± std over the seeds"
+             + (f"; Mask R-CNN box / mask AP after {t['det_iters']} iterations of fine-tuning." if det else "."), "",
              "| method | probe mIoU | per seed | above the floor (z) | at 0 / 25 / 50 / 100% | encoder moved (%) | "
-             "pre-training (s) | paper (another protocol) |", "|---|---|---|---|---|---|---|---|"]
+             "pre-training (s) |" + (" box AP | mask AP |" if det else "") + " paper (another protocol) |",
+             "|---|---|---|---|---|---|---|" + ("---|---|" if det else "") + "---|"]
+    ap = lambda r, k: f" {r[k]['mean']:.2f} ± {r[k]['std']:.2f} |" if k in r else " - |"
     for arch, floor, ceiling in (("resnet18", "random", "supervised"), ("vit_micro", "random-vit", "supervised-vit")):
         if floor not in rows:
             continue
@@ -195,8 +230,8 @@ def markdown(rows, seeds, times, tier):
                      "supervised": "supervised (ceiling, ResNet-18)", "supervised-vit": "supervised (ceiling, ViT-micro/8)"}
             lines.append(f"| {label.get(name, name)} | {r['mean']:.2f} ± {r['std']:.2f} | "
                          f"{' / '.join(f'{v:.2f}' for v in r['final'])} | {above} | {curve} | "
-                         f"{r.get('moved', float('nan')):.2f} | {statistics.mean(spent) if spent else 0:.0f} | "
-                         f"{PAPERS.get(name, '-')} |".replace("nan", "-"))
+                         f"{r.get('moved', float('nan')):.2f} | {statistics.mean(spent) if spent else 0:.0f} |".replace("nan", "-")
+                         + (ap(r, "box_AP") + ap(r, "mask_AP") if det else "") + f" {PAPERS.get(name, '-')} |")
     return "\n".join(lines)
 
 
@@ -239,7 +274,7 @@ def quality(args):
     per_seed = {}
     for seed in args.seeds:
         (root / f"s{seed}").mkdir(exist_ok=True)
-        per_seed[seed] = one_seed(seed, args.tier, root, methods, times)
+        per_seed[seed] = one_seed(seed, args.tier, root, methods, times, args.detection)
         times_file.write_text(json.dumps(times, indent=1))
     rows = summary(per_seed, args.seeds)
     table = markdown(rows, args.seeds, times, args.tier)

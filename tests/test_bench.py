@@ -31,7 +31,7 @@ def test_quality_commands_parse_and_share_one_budget(tmp_path):
 def test_quality_pipeline_at_toy_size_reports_what_the_runs_measured(tmp_path):
     """The whole pipeline (floor, ceiling, one method with its learning curve, the probes, the table)
     at a toy size; every number of quality.json and of the table is a probe's metrics.json."""
-    python("bench.py", "quality", "--tier", "toy", "--seeds", "0", "--methods", "moco", "--out", tmp_path)
+    python("bench.py", "quality", "--tier", "toy", "--seeds", "0", "--methods", "moco", "--detection", "--out", tmp_path)
     root = tmp_path / "toy"
     report = json.loads((root / "quality.json").read_text())
     measured = lambda d: json.loads((root / "s0" / d / "metrics.json").read_text())["mIoU"]
@@ -45,6 +45,11 @@ def test_quality_pipeline_at_toy_size_reports_what_the_runs_measured(tmp_path):
     down = [common.load_checkpoint(root / "s0" / "moco" / f"downstream-{p}.pth") for p in (0, 100)]
     assert not torch.equal(down[0]["backbone"]["conv1.weight"], down[1]["backbone"]["conv1.weight"])
     assert (root / "quality.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    if importlib.util.find_spec("pycocotools"):  # --detection: the AP columns are the detection runs' metrics
+        for name in ("random", "moco", "supervised"):
+            det = json.loads((root / "s0" / f"detect-{name}" / "metrics.json").read_text())
+            assert rows[name]["box_AP"]["per_seed"] == [det["box_AP"]] and rows[name]["mask_AP"]["per_seed"] == [det["mask_AP"]]
+        assert "| box AP | mask AP |" in table
 
 
 def test_speed_reports_the_ratio_of_medians(tmp_path):
