@@ -208,12 +208,13 @@ def test_official_lars_form_and_parameter_groups():
     lin = torch.nn.Linear(4, 3, bias=False)
     w0 = lin.weight.detach().clone()
     opt = common.LARS([{"params": [lin.weight]}], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.001, form="openselfsup")
+    buf = torch.zeros(3, 4)  # the momentum buffer, starting empty
     for lr in (0.5, 0.25):
         opt.param_groups[0]["lr"] = lr
         lin.weight.grad = torch.randn(3, 4)
         g, w = lin.weight.grad.clone(), lin.weight.detach().clone()
         q = 0.001 * w.norm() / (g.norm() + 0.1 * w.norm())
-        buf = (0.9 * buf if lr == 0.25 else 0) + lr * q * (g + 0.1 * w)
+        buf = 0.9 * buf + lr * q * (g + 0.1 * w)
         opt.step()
         assert torch.allclose(lin.weight, w - buf, atol=1e-7)
     assert not torch.equal(lin.weight, w0)

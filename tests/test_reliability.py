@@ -133,7 +133,7 @@ def _stop_worker(rank, init_file, out):
 def test_ranks_agree_on_the_stop_step_and_average_the_logged_loss(tmp_path):
     torch.multiprocessing.spawn(_stop_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     for rank in range(2):
-        assert torch.load(tmp_path / f"stop{rank}.pt").tolist() == [signal.SIGTERM, 0.5]
+        assert torch.load(tmp_path / f"stop{rank}.pt", weights_only=True).tolist() == [signal.SIGTERM, 0.5]
 
 
 def test_a_refused_resume_names_the_arguments_and_keeps_args_json(tmp_path):
