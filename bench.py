@@ -483,9 +483,9 @@ def bench_data(args):
     print("| pipeline | workers | images/s |")
     print("|---|---|---|")
     for w in args.workers:
-        for name, _, rate in loader_rates(tempfile.mkdtemp(prefix="bench-data-"), args.images, args.image_size,
-                                          args.batch_size, w):
-            print(f"| {name} | {w} | {rate:.0f} |")
+        with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:  # the JPEG files go with it
+            for name, _, rate in loader_rates(folder, args.images, args.image_size, args.batch_size, w):
+                print(f"| {name} | {w} | {rate:.0f} |")
 
 
 if __name__ == "__main__":

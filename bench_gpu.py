@@ -229,9 +229,9 @@ def speed(cfg, device, budget, tiny):
 # =================================================================================================
 def loader(cfg, device, budget, speed_rows):
     """Images/s from JPEG files per pipeline (bench.loader_rates) against what the step consumes."""
-    tmp = tempfile.mkdtemp(prefix="bench-gpu-data-")
-    rates = bench.loader_rates(tmp, cfg["images"], cfg["image_size"], cfg["batch"], cfg["workers"], budget.left,
-                               adclr_args=cfg["extra"].get("adclr", []))
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-data-") as tmp:  # the JPEG files go with it
+        rates = bench.loader_rates(tmp, cfg["images"], cfg["image_size"], cfg["batch"], cfg["workers"], budget.left,
+                                   adclr_args=cfg["extra"].get("adclr", []))
     eager = {r["method"]: r for r in speed_rows if not r["compile"] and "skipped" not in r}
     rows = []
     for pipeline, methods, decode_rate in rates:

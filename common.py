@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -204,6 +205,11 @@ def open_rgb(path, exif=True):
     return img.convert("RGB")
 
 
+def _remove_folder_of(folder, pid):
+    if os.getpid() == pid:  # the process that made it, not a forked loader worker exiting
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class ImageFiles(Dataset):
     """Images from a list of files; an unreadable image is skipped for the next, with one warning per
     file for the whole run (loader workers share a folder of markers made with O_EXCL)."""
@@ -211,6 +217,7 @@ class ImageFiles(Dataset):
     def __init__(self, files, transform=None):
         self.files, self.transform = files, transform
         self.warned = tempfile.mkdtemp(prefix="dense-ssl-unreadable-")
+        weakref.finalize(self, _remove_folder_of, self.warned, os.getpid())  # not left behind in /tmp
 
     def __len__(self):
         return len(self.files)

@@ -64,7 +64,9 @@ def test_speed_reports_the_ratio_of_medians(tmp_path):
 
 def test_gpu_command_runs_every_section_on_cpu_at_tiny_shapes(tmp_path):
     # `bench.py gpu` is run in short GPU windows: this keeps it from rotting between them.
-    python("bench.py", "gpu", "--device", "cpu", "--tiny", "--out", tmp_path)
+    (tmp_path / "tmp").mkdir()
+    python("bench.py", "gpu", "--device", "cpu", "--tiny", "--out", tmp_path, env={"TMPDIR": str(tmp_path / "tmp")})
+    assert list((tmp_path / "tmp").iterdir()) == []  # the loader section's JPEG files are removed
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert (tmp_path / "gpu_report.md").read_text().startswith("# GPU report: CPU")
     checked = {r["check"].split(":")[0] for r in report["correctness"] if r["ok"] is not None}

@@ -225,8 +225,12 @@ def test_a_corrupt_image_is_warned_once_across_workers(tmp_path):
             f"ds = common.ImageFiles(common.find_images({str(folder)!r}), lambda im: torch.zeros(1))\n"
             f"loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)\n"
             f"for epoch in range(2):\n    list(loader)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0 and proc.stderr.count("UserWarning: skipping unreadable image") == 1
+    assert list(tmp.iterdir()) == []  # the markers' folder goes with the run (CI's disk is shared)
 
 
 def test_probe_metrics_say_linear_and_stay_json_without_pixels(tmp_path):
