@@ -492,9 +492,12 @@ def main(argv=None):
         model = common.sync_batchnorm(model, True)
     common.print0(f"eval_dense | {args.task} ({args.head if args.task == 'finetune' else 'linear'}) | init "
                   f"{args.init} ({meta.get('method')}, {arch}) | {args.data}: {num_classes} classes, "
-                  f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val | {args.iters} iters | device {device}")
-    common.print0(f"protocol | train: short side {args.base_size} x {args.scale_range}, crop {args.crop_size}, cat-max "
-                  f"{args.cat_max}, photometric {args.photometric} | test: "
+                  f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val | "
+                  + (f"{args.probe_epochs} epochs on cached features" if args.probe_cache else f"{args.iters} iters")
+                  + f" | device {device}")
+    common.print0("protocol | train: " + ("the scenes as generated, no augmentation (--probe-cache)" if args.probe_cache else
+                  f"short side {args.base_size} x {args.scale_range}, crop {args.crop_size}, cat-max "
+                  f"{args.cat_max}, photometric {args.photometric}") + " | test: "
                   + (f"slide {args.slide[0]}/{args.slide[1]}" if args.slide else "whole image")
                   + (f" resized to fit {args.val_resize[0]} x {args.val_resize[1]}" if args.val_resize else " at native size"))
 

@@ -201,9 +201,10 @@ def test_cached_probe_and_linear_finetune_export(tmp_path):
     down = common.load_checkpoint(tmp_path / "sup" / "downstream.pth")
     assert down["method"] == "supervised" and "layer4.1.conv2.weight" in down["backbone"]
     for layers in ("c5", "c345"):
-        python("eval_dense.py", "--init", tmp_path / "sup", "--task", "probe", "--probe-cache", "--probe-epochs", "2",
-               "--probe-layers", layers, "--synthetic-train", "8", "--batch-size", "8", *common_flags,
-               "--output-dir", tmp_path / f"probe-{layers}")
+        out = python("eval_dense.py", "--init", tmp_path / "sup", "--task", "probe", "--probe-cache", "--probe-epochs", "2",
+                     "--probe-layers", layers, "--synthetic-train", "8", "--batch-size", "8", *common_flags,
+                     "--output-dir", tmp_path / f"probe-{layers}")
+        assert "| 2 epochs on cached features |" in out and "train: the scenes as generated, no augmentation" in out
         m = json.loads((tmp_path / f"probe-{layers}" / "metrics.json").read_text())
         assert m["probe_cache"] is True and m["probe_layers"] == layers and 0 <= m["mIoU"] <= 100
     model = ev.Segmenter("resnet18", "probe", "fcn", 9, 8, probe_layers="c345")
