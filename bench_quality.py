@@ -149,23 +149,23 @@ def moved(a, b):
 
 
 def one_seed(seed, tier, root, methods, times, detection=False):
-    """Every run of one seed; returns {name: {fraction: mIoU}, ...} plus 'moved' (and 'det': box and
-    mask AP of the final weights with detection=True, ResNets only)."""
+    """Every run of one seed that is not finished yet: floor, ceiling, each method's pre-training
+    with its snapshots and their probes (and with detection=True, Mask R-CNN from every final
+    ResNet); collect() reads the results back."""
     base = root / f"s{seed}"
-    results = {}
     for arch in ("resnet18", "vit_micro"):
         family = [m for m in FAMILIES[arch] if m in methods]
         if not family:
             continue
         floor = "random" if arch == "resnet18" else "random-vit"
-        results[floor] = {1.0: probe("random", arch, seed, tier, base / f"probe-{floor}")["mIoU"]}
+        probe("random", arch, seed, tier, base / f"probe-{floor}")
         ceiling = "supervised" if arch == "resnet18" else "supervised-vit"
         if not (base / ceiling / "downstream.pth").exists():
             times[f"s{seed}/{ceiling}"] = run(ceiling_command(arch, seed, tier, base / ceiling), base / f"{ceiling}.log")
-        results[ceiling] = {1.0: probe(base / ceiling, arch, seed, tier, base / f"probe-{ceiling}")["mIoU"]}
+        probe(base / ceiling, arch, seed, tier, base / f"probe-{ceiling}")
         finals = {floor: "random", ceiling: base / ceiling / "downstream.pth"}
         for method in family:
-            run_dir, curve = base / method, {}
+            run_dir = base / method
             cmd = pretrain_command(method, seed, tier, run_dir)
             steps = TIERS[tier]["images"] // TIERS[tier]["batch"]
             for frac in FRACTIONS:
@@ -174,47 +174,74 @@ def one_seed(seed, tier, root, methods, times, detection=False):
                     spent = run(cmd + ["--max-steps", str(int(frac * steps))], base / f"{method}.log")
                     times[f"s{seed}/{method}"] = times.get(f"s{seed}/{method}", 0.0) + spent
                     shutil.copy(run_dir / "downstream.pth", snapshot)
-                curve[frac] = probe(snapshot, arch, seed, tier, base / f"probe-{method}-{int(frac * 100)}")["mIoU"]
-            results[method] = curve
-            results[method]["moved"] = moved(run_dir / "downstream-0.pth", run_dir / "downstream-100.pth")
+                probe(snapshot, arch, seed, tier, base / f"probe-{method}-{int(frac * 100)}")
             finals[method] = run_dir / "downstream-100.pth"
         if detection and arch == "resnet18":  # the same fine-tuning from every row's final weights
             for name, init in finals.items():
-                m = detect(init, arch, seed, tier, base / f"detect-{name}")
+                detect(init, arch, seed, tier, base / f"detect-{name}")
+
+
+def collect(root):
+    """Every finished result under root/s<seed>/, read back from the probes' metrics.json files:
+    {seed: {row: {fraction: mIoU, "moved": %, "det": (box AP, mask AP)}}}. A method's row needs its
+    whole learning curve; a row may have fewer seeds than another (a later run adds them)."""
+    per_seed = {}
+    for base in sorted(root.glob("s*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1):
+        if not base.name[1:].isdigit():
+            continue
+        miou = lambda d: json.loads((base / d / "metrics.json").read_text())["mIoU"]
+        done = lambda d: (base / d / "metrics.json").exists()
+        results = {}
+        for name in ("random", "supervised", "random-vit", "supervised-vit"):
+            if done(f"probe-{name}"):
+                results[name] = {1.0: miou(f"probe-{name}")}
+        for method in PRETRAIN:
+            if all(done(f"probe-{method}-{int(f * 100)}") for f in FRACTIONS):
+                results[method] = {f: miou(f"probe-{method}-{int(f * 100)}") for f in FRACTIONS}
+                results[method]["moved"] = moved(base / method / "downstream-0.pth", base / method / "downstream-100.pth")
+        for name in results:
+            if done(f"detect-{name}"):
+                m = json.loads((base / f"detect-{name}" / "metrics.json").read_text())
                 results[name]["det"] = (m["box_AP"], m["mask_AP"])
-    return results
+        per_seed[int(base.name[1:])] = results
+    return per_seed
 
 
-def summary(per_seed, seeds):
-    """quality.json's content: per row the final probe per seed, mean, std, the curve and the drift."""
+def summary(per_seed):
+    """quality.json's content: per row its seeds, the final probe per seed, mean, std, the curve and
+    the drift."""
     rows = {}
-    for name in per_seed[seeds[0]]:
+    names = [n for n in ("random", "random-vit", *PRETRAIN, "supervised", "supervised-vit")
+             if any(n in r for r in per_seed.values())]
+    sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    for name in names:
+        seeds = [s for s in per_seed if name in per_seed[s]]
         finals = [per_seed[s][name][1.0] for s in seeds]
-        row = {"final": finals, "mean": float(np.mean(finals)), "std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0}
+        row = {"seeds": seeds, "final": finals, "mean": float(np.mean(finals)), "std": sd(finals)}
         if 0.0 in per_seed[seeds[0]][name]:
             row["curve"] = {str(f): float(np.mean([per_seed[s][name][f] for s in seeds])) for f in FRACTIONS}
-            row["curve_std"] = {str(f): float(np.std([per_seed[s][name][f] for s in seeds], ddof=1)) if len(seeds) > 1
-                                else 0.0 for f in FRACTIONS}
+            row["curve_std"] = {str(f): sd([per_seed[s][name][f] for s in seeds]) for f in FRACTIONS}
             row["moved"] = float(np.mean([per_seed[s][name]["moved"] for s in seeds]))
-        if "det" in per_seed[seeds[0]][name]:
-            for i, key in enumerate(("box_AP", "mask_AP")):
-                values = [per_seed[s][name]["det"][i] for s in seeds]
-                row[key] = {"per_seed": values, "mean": float(np.mean(values)),
-                            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+        det = [s for s in seeds if "det" in per_seed[s][name]]
+        for i, key in enumerate(("box_AP", "mask_AP")):
+            if det:
+                values = [per_seed[s][name]["det"][i] for s in det]
+                row[key] = {"seeds": det, "per_seed": values, "mean": float(np.mean(values)), "std": sd(values)}
         rows[name] = row
     return rows
 
 
-def markdown(rows, seeds, times, tier):
+def markdown(rows, times, tier):
     """The README table: floor and ceiling in every family, SSL rows with their distance to the floor."""
     t = TIERS[tier]
     det = any("box_AP" in r for r in rows.values())
+    seeds = sorted({s for r in rows.values() for s in r["seeds"]})
     lines = [f"Tier {tier}: {t['images']} images per pre-training (batch {t['batch']}, {t['size']} px), seeds "
-             f"{', '.join(map(str, seeds))}; probe mIoU, mean ± std over the seeds"
+             f"{', '.join(map(str, seeds))} (each row: the seeds it has); probe mIoU, mean ± std over its seeds"
              + (f"; Mask R-CNN box / mask AP after {t['det_iters']} iterations of fine-tuning." if det else "."), "",
-             "| method | probe mIoU | per seed | above the floor (z) | at 0 / 25 / 50 / 100% | encoder moved (%) | "
+             "| method | seeds | probe mIoU | per seed | above the floor (z) | at 0 / 25 / 50 / 100% | encoder moved (%) | "
              "pre-training (s) |" + (" box AP | mask AP |" if det else "") + " paper (another protocol) |",
-             "|---|---|---|---|---|---|---|" + ("---|---|" if det else "") + "---|"]
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if det else "") + "---|"]
     ap = lambda r, k: f" {r[k]['mean']:.2f} ± {r[k]['std']:.2f} |" if k in r else " - |"
     for arch, floor, ceiling in (("resnet18", "random", "supervised"), ("vit_micro", "random-vit", "supervised-vit")):
         if floor not in rows:
@@ -223,12 +250,13 @@ def markdown(rows, seeds, times, tier):
         for name in (floor, *[m for m in FAMILIES[arch] if m in rows], ceiling):
             r = rows[name]
             spread = (r["std"] ** 2 + f["std"] ** 2) ** 0.5  # the std of the difference of two means
-            above = f"{(r['mean'] - f['mean']) / spread:+.1f}" if name != floor and len(seeds) > 1 and spread > 0 else "-"
+            above = (f"{(r['mean'] - f['mean']) / spread:+.1f}" if name != floor and min(len(r["seeds"]), len(f["seeds"])) > 1
+                     and spread > 0 else "-")
             curve = " / ".join(f"{r['curve'][str(x)]:.1f}" for x in FRACTIONS) if "curve" in r else "-"
-            spent = [times[k] for k in (f"s{s}/{name}" for s in seeds) if k in times]
+            spent = [times[k] for k in (f"s{s}/{name}" for s in r["seeds"]) if k in times]
             label = {"random": "random init (floor, ResNet-18)", "random-vit": "random init (floor, ViT-micro/8)",
                      "supervised": "supervised (ceiling, ResNet-18)", "supervised-vit": "supervised (ceiling, ViT-micro/8)"}
-            lines.append(f"| {label.get(name, name)} | {r['mean']:.2f} ± {r['std']:.2f} | "
+            lines.append(f"| {label.get(name, name)} | {len(r['seeds'])} | {r['mean']:.2f} ± {r['std']:.2f} | "
                          f"{' / '.join(f'{v:.2f}' for v in r['final'])} | {above} | {curve} | "
                          f"{r.get('moved', float('nan')):.2f} | {statistics.mean(spent) if spent else 0:.0f} |".replace("nan", "-")
                          + (ap(r, "box_AP") + ap(r, "mask_AP") if det else "") + f" {PAPERS.get(name, '-')} |")
@@ -271,14 +299,13 @@ def quality(args):
     times_file = root / "times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     methods = args.methods or [m for fam in FAMILIES.values() for m in fam]
-    per_seed = {}
     for seed in args.seeds:
         (root / f"s{seed}").mkdir(exist_ok=True)
-        per_seed[seed] = one_seed(seed, args.tier, root, methods, times, args.detection)
+        one_seed(seed, args.tier, root, methods, times, args.detection)
         times_file.write_text(json.dumps(times, indent=1))
-    rows = summary(per_seed, args.seeds)
-    table = markdown(rows, args.seeds, times, args.tier)
-    (root / "quality.json").write_text(json.dumps({"tier": args.tier, "budget": TIERS[args.tier], "seeds": args.seeds,
+    rows = summary(collect(root))  # every finished run under root, this command's and earlier ones
+    table = markdown(rows, times, args.tier)
+    (root / "quality.json").write_text(json.dumps({"tier": args.tier, "budget": TIERS[args.tier],
                                                    "rows": rows, "times": times}, indent=1))
     (root / "quality.md").write_text(table + "\n")
     picture = plot(rows, root / "quality.png")

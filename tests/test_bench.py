@@ -52,6 +52,34 @@ def test_quality_pipeline_at_toy_size_reports_what_the_runs_measured(tmp_path):
         assert "| box AP | mask AP |" in table
 
 
+def test_quality_table_merges_every_finished_seed_from_disk(tmp_path):
+    """A later command that adds seeds for some rows only: each row reports its own seeds, and z is
+    computed only where both the row and its floor have more than one seed."""
+    def finished(seed, name, miou):
+        (tmp_path / f"s{seed}" / name).mkdir(parents=True)
+        (tmp_path / f"s{seed}" / name / "metrics.json").write_text(json.dumps({"mIoU": miou}))
+    for seed, (floor, sup, moco, dense) in {0: (8, 40, 10, 9), 1: (9, 41, 12, None), 2: (7, 42, 11, None)}.items():
+        finished(seed, "probe-random", floor)
+        finished(seed, "probe-supervised", sup)
+        for method, final in (("moco", moco), ("densecl", dense)):
+            if final is None:
+                continue
+            for f in bench_quality.FRACTIONS:
+                finished(seed, f"probe-{method}-{int(f * 100)}", final if f == 1.0 else 8.0)
+            (tmp_path / f"s{seed}" / method).mkdir()
+            for pct in (0, 100):
+                common.save_downstream(tmp_path / f"s{seed}" / method / f"downstream-{pct}.pth", method, "resnet18",
+                                       torch.nn.Conv2d(1, 1, 1))
+    rows = bench_quality.summary(bench_quality.collect(tmp_path))
+    assert rows["moco"]["seeds"] == [0, 1, 2] and rows["moco"]["final"] == [10, 12, 11] and rows["moco"]["mean"] == 11
+    assert rows["densecl"]["seeds"] == [0] and rows["densecl"]["std"] == 0.0
+    table = bench_quality.markdown(rows, {}, "cpu")
+    moco_line = next(l for l in table.splitlines() if l.startswith("| moco |"))
+    densecl_line = next(l for l in table.splitlines() if l.startswith("| densecl |"))
+    assert moco_line.split(" | ")[1:5] == ["3", "11.00 ± 1.00", "10.00 / 12.00 / 11.00", "+2.1"]  # (11-8)/sqrt(1+1)
+    assert densecl_line.split(" | ")[1:5] == ["1", "9.00 ± 0.00", "9.00", "-"]
+
+
 def test_speed_reports_the_ratio_of_medians(tmp_path):
     out = python("bench.py", "speed", "--one", "--methods", "moco", "--arch", "resnet18", "--image-size", "32",
                  "--batch-size", "4", "--steps", "2", "--warmup", "1")
