@@ -187,9 +187,7 @@ def collect(root):
     {seed: {row: {fraction: mIoU, "moved": %, "det": (box AP, mask AP)}}}. A method's row needs its
     whole learning curve; a row may have fewer seeds than another (a later run adds them)."""
     per_seed = {}
-    for base in sorted(root.glob("s*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1):
-        if not base.name[1:].isdigit():
-            continue
+    for base in sorted((p for p in root.glob("s*") if p.name[1:].isdigit()), key=lambda p: int(p.name[1:])):
         miou = lambda d: json.loads((base / d / "metrics.json").read_text())["mIoU"]
         done = lambda d: (base / d / "metrics.json").exists()
         results = {}
