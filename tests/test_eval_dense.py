@@ -211,6 +211,19 @@ def test_cached_probe_and_linear_finetune_export(tmp_path):
     assert model.head[1].in_channels == 128 + 256 + 512 and model.features(torch.randn(1, 3, 64, 64)).shape == (1, 896, 8, 8)
 
 
+@pytest.mark.parametrize("size_in,size_out", [((8, 8), (64, 64)), ((9, 5), (37, 40)), ((12, 7), (7, 7)), ((4, 4), (4, 4))])
+def test_cached_probe_upsampling_is_f_interpolate(size_in, size_out):
+    # The cached probe upsamples its logits with two matmuls (faster backward on a CPU): the same
+    # values and gradients as the bilinear F.interpolate the validation uses, up- and downsampling.
+    x = torch.randn(3, 9, *size_in, dtype=torch.float64, requires_grad=True)
+    rows, cols = (ev.bilinear_matrix(n, N, dtype=torch.float64) for n, N in zip(size_in, size_out))
+    ours = torch.einsum("Hh,bchw,Ww->bcHW", rows, x, cols)
+    ref = torch.nn.functional.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    assert torch.allclose(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-12)
+
+
 @pytest.mark.parametrize("data,expected", [
     ("voc", dict(val_resize=[512, 2048], slide=None, cat_max=0.75, photometric="on", base_size=512)),
     ("cityscapes", dict(val_resize=None, slide=[769, 513], cat_max=0.75, photometric="on", base_size=1024)),
