@@ -11,7 +11,7 @@ the same budget, through the probe's own head, then probed frozen like the other
 are also probed at 0, 25 and 50% of the budget (learning curves; the runs resume bit-exactly, so
 stopping for a probe changes nothing).
 
-    python bench.py quality --tier cpu --seeds 0 1 2     # over an hour per seed on 2 cores (README)
+    python bench.py quality --tier cpu --seeds 0 1 2     # about an hour per seed on 2 cores (README: its parts)
     python bench.py quality --tier gpu --seeds 0 1 2     # 10x the budget, on a GPU
 
 Finished runs are kept and skipped; the table and quality.json are rebuilt from every finished run

@@ -439,14 +439,15 @@ def cached_probe(model, args, device, dtype, log):
     steps = args.probe_epochs * -(-len(feats) // args.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(args.seed)
-    # Bilinear upsampling as two matmuls: F.interpolate's result to float rounding, and its
-    # backward is 2-3x faster on a CPU (this loop is most of the probe's time there).
+    # Bilinear upsampling as two matmuls: F.interpolate's result to float rounding, with a cheaper
+    # backward on a CPU (this loop is most of the probe's time there).
     rows, cols = (bilinear_matrix(n, N, device) for n, N in zip(feats.shape[-2:], labels.shape[-2:]))
     for epoch in common.progress(range(args.probe_epochs), 0, 1):
         total = torch.zeros((), device=device)
         for idx in torch.randperm(len(feats), generator=generator).split(args.batch_size):
-            logits = torch.einsum("Hh,bchw,Ww->bcHW", rows, head(feats[idx.to(device)]), cols)  # (b, classes, H, W)
-            loss = F.cross_entropy(logits, labels[idx.to(device)], ignore_index=seg_data.IGNORE)
+            idx = idx.to(device)
+            logits = torch.einsum("Hh,bchw,Ww->bcHW", rows, head(feats[idx]), cols)  # (b, classes, H, W)
+            loss = F.cross_entropy(logits, labels[idx], ignore_index=seg_data.IGNORE)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
