@@ -67,7 +67,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+import backbones
 import common
+import imagedata
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -110,14 +112,14 @@ def get_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip, 0 = none (DINO: 3.0)")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen")
     p.add_argument("--output-dir", default="runs/adclr", help="checkpoint, log, args; a rerun resumes from here")
-    common.add_data_args(p)
+    imagedata.add_data_args(p)
     common.add_run_args(p, epochs=100, batch_size=1024)
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "out_dim", "patch_size", "global_size", "local_size", "student_temp",
                                          "teacher_temp"),
                       non_negative=("weight_decay", "weight_decay_end", "min_lr", "warmup_epochs", "num_queries",
                                     "local_crops", "clip_grad", "drop_path", "query_weight"))
-    args.image_size = args.global_size  # what common.build_pretrain_dataset sizes synthetic scenes by
+    args.image_size = args.global_size  # what imagedata.build_pretrain_dataset sizes synthetic scenes by
     args.query_size = args.query_size or args.patch_size
     common.split_batch(p, args)
     for name, size in (("--global-size", args.global_size), ("--local-size", args.local_size), ("--query-size", args.query_size)):
@@ -172,7 +174,7 @@ class DINONet(nn.Module):
 
     def __init__(self, args, drop_path=0.0):
         super().__init__()
-        self.vit = common.ViT(args.arch, args.patch_size, args.global_size, drop_path_rate=drop_path)
+        self.vit = backbones.ViT(args.arch, args.patch_size, args.global_size, drop_path_rate=drop_path)
         self.head = DINOHead(self.vit.embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer == "true")
         self.see_each_other, self.tokens_per_query = args.queries_see_each_other, args.query_tokens
 
@@ -267,17 +269,17 @@ class MultiCropWithQueries:
     """DINO multi-crop (2 global + n local views, bicubic) plus Q query crops of the original image."""
 
     def __init__(self, args):
-        self.global1, self.global2 = common.byol_augmentations(args.global_size, scale=tuple(args.global_scale),
+        self.global1, self.global2 = imagedata.byol_augmentations(args.global_size, scale=tuple(args.global_scale),
                                                                interpolation=BICUBIC)
         colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
-        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(imagedata.IMAGENET_MEAN, imagedata.IMAGENET_STD)]
         self.local = v2.Compose([
             v2.RandomResizedCrop(args.local_size, scale=tuple(args.local_scale), interpolation=BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(), *colour,
-            v2.RandomApply([v2.GaussianBlur(common.blur_kernel(args.local_size), sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomApply([v2.GaussianBlur(imagedata.blur_kernel(args.local_size), sigma=(0.1, 2.0))], p=0.5),
             *to_tensor,
         ])
-        query_colour = [*colour, v2.RandomApply([v2.GaussianBlur(common.blur_kernel(args.query_size), sigma=(0.1, 2.0))],
+        query_colour = [*colour, v2.RandomApply([v2.GaussianBlur(imagedata.blur_kernel(args.query_size), sigma=(0.1, 2.0))],
                                                 p=0.5)] if args.query_augment == "local" else []
         self.query = v2.Compose([
             v2.RandomResizedCrop(args.query_size, scale=tuple(args.query_scale), interpolation=BICUBIC, antialias=True),
@@ -295,10 +297,10 @@ def build_data(args, device):
     augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
     if args.gpu_augment:
         import gpu_augment
-        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
         return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
                 gpu_augment.MultiCropViews(args))
-    dataset = common.build_pretrain_dataset(args, MultiCropWithQueries(args))
+    dataset = imagedata.build_pretrain_dataset(args, MultiCropWithQueries(args))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 

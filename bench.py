@@ -31,7 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import backbones
 import common
+import imagedata
 
 METHODS = ("moco", "densecl", "decon", "mcl", "adclr")
 
@@ -96,7 +98,7 @@ def setup_moco(args, device, dtype):
     model_q = _prepare(device, args, enc_q, enc_k)
     step = lambda: moco.train_step(views, model_q, enc_k, queue, pk, pq, opt, scaler, a, dtype, device)
     nets = (lambda: model_q(_cl(views[0], device)), lambda: enc_k(_cl(views[1], device)), pq)
-    return step, views[:1], views[1:], common.ResNetTrunk(args.arch), nets
+    return step, views[:1], views[1:], backbones.ResNetTrunk(args.arch), nets
 
 
 def setup_densecl(args, device, dtype):
@@ -112,7 +114,7 @@ def setup_densecl(args, device, dtype):
     model_q = _prepare(device, args, enc_q, enc_k)
     step = lambda: densecl.train_step(views, model_q, enc_k, queue, queue2, pk, pq, opt, scaler, 0.5, a, dtype, device)
     nets = (lambda: model_q(_cl(views[0], device)), lambda: enc_k(_cl(views[1], device)), pq)
-    return step, views[:1], views[1:], common.ResNetTrunk(args.arch), nets
+    return step, views[:1], views[1:], backbones.ResNetTrunk(args.arch), nets
 
 
 def setup_decon(args, device, dtype):
@@ -134,7 +136,7 @@ def setup_decon(args, device, dtype):
                                     scaler, weights, a, dtype, device)
     x = [_cl(v, device) for v in views]
     nets = (lambda: model_s(*x), lambda: teacher(*x), ps)  # the predictors (an MLP on a few slots) left out
-    return step, views, views, common.ResNetTrunk(args.arch), nets
+    return step, views, views, backbones.ResNetTrunk(args.arch), nets
 
 
 def setup_mcl(args, device, dtype):
@@ -151,8 +153,8 @@ def setup_mcl(args, device, dtype):
     model = _prepare(device, args, student, target)
     step = lambda: mcl.train_step(views, model, target, pt, po, 0.99, opt, scaler, weights, a, dtype, device)
     (c1, plan, _), (c2, _, _) = mcl.build_montages(views[:4], a.montages, a.tile_resize), mcl.build_montages(views[4:], a.montages, a.tile_resize)
-    floor_net = torch.nn.Sequential(common.ResNetTrunk(args.arch, pyramid=True))  # encoder + FPN: MCL's encoder
-    floor_net.append(common.FPN(floor_net[0].channels, 256))
+    floor_net = torch.nn.Sequential(backbones.ResNetTrunk(args.arch, pyramid=True))  # encoder + FPN: MCL's encoder
+    floor_net.append(backbones.FPN(floor_net[0].channels, 256))
     c1, c2 = _cl(c1, device), _cl(c2, device)
     nets = (lambda: model((c1, c2), plan), lambda: [target.forward_p5(c) for c in (c1, c2)], po)
     return step, [c1, c2], [c1, c2], floor_net, nets
@@ -174,7 +176,7 @@ def setup_adclr(args, device, dtype):
     model_s = torch.compile(student) if getattr(args, "compile", False) else student
     step = lambda: adclr.train_step((globals_, locals_, queries), model_s, teacher, centers, pt, ps, opt, scaler, sched,
                                     1, a, dtype, device)
-    vit = common.ViT(a.arch, a.patch_size, a.global_size)
+    vit = backbones.ViT(a.arch, a.patch_size, a.global_size)
     nets = (lambda: model_s(globals_, locals_, queries), lambda: teacher(globals_, (), queries), ps)
     return step, globals_ + locals_, globals_, vit, nets
 
@@ -450,11 +452,11 @@ def loader_rates(folder, images, image_size, batch, workers, time_left=lambda: m
     import decon
     import mcl
     for i in range(images):
-        common.synthetic_scene(i, size=image_size * 8 // 7)[0].save(f"{folder}/{i:05d}.jpg", quality=90)
-    files = common.find_images(folder)
+        imagedata.synthetic_scene(i, size=image_size * 8 // 7)[0].save(f"{folder}/{i:05d}.jpg", quality=90)
+    files = imagedata.find_images(folder)
     a = adclr.get_args(["--global-size", str(image_size), *adclr_args])
     import gpu_augment
-    pipelines = [("moco / densecl: 2 views", ("moco", "densecl"), common.TwoViews(common.moco_v2_augmentation(image_size))),
+    pipelines = [("moco / densecl: 2 views", ("moco", "densecl"), imagedata.TwoViews(imagedata.moco_v2_augmentation(image_size))),
                  ("--gpu-augment: decode only", tuple(f"{m} --gpu-augment" for m in METHODS), gpu_augment.DecodeOnly()),
                  ("decon (slotcon): 2 crops + boxes", ("decon",), decon.TwoCropsWithOverlap(image_size, 0.08)),
                  ("mcl: 8 crops", ("mcl",), mcl.EightCrops(image_size)),
@@ -465,7 +467,7 @@ def loader_rates(folder, images, image_size, batch, workers, time_left=lambda: m
             rows.append((name, methods, None))
             continue
         collate = gpu_augment.pad_collate if isinstance(transform, gpu_augment.DecodeOnly) else None
-        loader = torch.utils.data.DataLoader(common.ImageFiles(files, transform), batch_size=batch, num_workers=workers,
+        loader = torch.utils.data.DataLoader(imagedata.ImageFiles(files, transform), batch_size=batch, num_workers=workers,
                                              shuffle=True, drop_last=True, collate_fn=collate)
         it = iter(loader)
         next(it)  # worker start-up is not throughput

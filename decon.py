@@ -57,6 +57,7 @@ Deviations from the official code:
 """
 import argparse
 import copy
+import random
 import time
 
 import torch
@@ -64,8 +65,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms import v2
 
+import backbones
 import common
+import imagedata
 
 
 # =================================================================================================
@@ -98,7 +102,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-5, help="(SlotCon: 1e-5)")
     p.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up from lr/100 (SlotCon: 5)")
     p.add_argument("--output-dir", default="runs/decon", help="checkpoint, log, args; a rerun resumes from here")
-    common.add_data_args(p)
+    imagedata.add_data_args(p)
     common.add_run_args(p, epochs=800, batch_size=512)
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "dim_hidden", "dim_out", "num_prototypes", "decoder_num_prototypes",
@@ -173,13 +177,13 @@ class Network(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        self.encoder = common.ResNetTrunk(args.arch, pyramid=args.decoder == "fpn", zero_init_residual=True)  # SlotCon's
+        self.encoder = backbones.ResNetTrunk(args.arch, pyramid=args.decoder == "fpn", zero_init_residual=True)  # SlotCon's
         c5 = self.encoder.out_channels
         self.decoder, dec_channels = None, []
         if args.decoder == "fpn":
             levels = ["p2", "p3", "p4", "p5"] if args.deep_supervision else ["p2"]  # DeCon-ML or DeCon-SL
             p = args.skip_channel_dropout or args.skip_dropout
-            self.decoder = common.FPN(self.encoder.channels, 256, levels, p, "channel" if args.skip_channel_dropout else "map")
+            self.decoder = backbones.FPN(self.encoder.channels, 256, levels, p, "channel" if args.skip_channel_dropout else "map")
             for m in self.decoder.modules():  # detectron2's c2_xavier_fill, as DeCon's detectron2-style FPN
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_uniform_(m.weight, a=1)
@@ -202,7 +206,7 @@ class Network(nn.Module):
         feats = self.encoder(x)
         c5 = feats[-1] if isinstance(feats, list) else feats
         outputs = [c5] if self.with_encoder_head else []
-        if isinstance(self.decoder, common.FPN):
+        if isinstance(self.decoder, backbones.FPN):
             outputs += self.decoder(feats)
         elif self.decoder is not None:
             outputs.append(self.decoder(c5))
@@ -339,6 +343,19 @@ def slotcon_losses(out_s, out_t, boxes, flips, predictors, centers, weights, gro
 # =================================================================================================
 # Data
 # =================================================================================================
+def crop_with_box(img, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
+                  interpolation=v2.InterpolationMode.BICUBIC):
+    """RandomResizedCrop that also returns its box (x0, y0, x1, y1) in [0, 1] image units and flip."""
+    top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(img, scale, ratio)
+    crop = v2.functional.resized_crop(img, top, left, h, w, [size, size], interpolation, antialias=True)
+    flip = random.random() < flip_p
+    if flip:
+        crop = v2.functional.horizontal_flip(crop)
+    width, height = img.size
+    box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
+    return crop, box, flip
+
+
 def overlap_boxes(b1, f1, b2, f2):
     """The overlap of crop boxes b1, b2 ((..., 4) in image [0, 1] units) in each view's own [0, 1]
     frame, mirrored where a view is flipped (f1, f2: bools of shape (...)): (..., 2, 4), the boxes
@@ -359,12 +376,12 @@ class TwoCropsWithOverlap:
 
     def __init__(self, size, min_scale):
         self.size, self.scale = size, (min_scale, 1.0)
-        self.colour1, self.colour2 = common.byol_augmentations(size, crop=False)
+        self.colour1, self.colour2 = imagedata.byol_augmentations(size, crop=False)
 
     def __call__(self, img):
-        v1, b1, f1 = common.crop_with_box(img, self.size, self.scale)
+        v1, b1, f1 = crop_with_box(img, self.size, self.scale)
         for _ in range(10):  # the second crop must cover at least 1% of its area with the first
-            v2, b2, f2 = common.crop_with_box(img, self.size, self.scale)
+            v2, b2, f2 = crop_with_box(img, self.size, self.scale)
             inter = (torch.minimum(b1[2:], b2[2:]) - torch.maximum(b1[:2], b2[:2])).clamp(min=0).prod()
             if inter >= 0.01 * (b2[2:] - b2[:2]).prod():
                 break
@@ -378,10 +395,10 @@ def build_data(args, device):
     augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
     if args.gpu_augment:
         import gpu_augment
-        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
         return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
                 gpu_augment.OverlappingViews(args.image_size, args.min_scale, overlap_boxes))
-    dataset = common.build_pretrain_dataset(args, TwoCropsWithOverlap(args.image_size, args.min_scale))
+    dataset = imagedata.build_pretrain_dataset(args, TwoCropsWithOverlap(args.image_size, args.min_scale))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 

@@ -62,7 +62,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import backbones
 import common
+import imagedata
 
 
 # =================================================================================================
@@ -83,7 +85,7 @@ def get_args(argv=None):
     p.add_argument("--sgd-momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
     p.add_argument("--output-dir", default="runs/densecl", help="checkpoint, log, args; a rerun resumes from here")
-    common.add_data_args(p)
+    imagedata.add_data_args(p)
     common.add_run_args(p, epochs=None, batch_size=256, epochs_help="training epochs (default: 800 on COCO, 200 otherwise)")
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature"),
@@ -113,7 +115,7 @@ class Encoder(nn.Module):
 
     def __init__(self, arch, dim):
         super().__init__()
-        self.backbone = common.ResNetTrunk(arch, conv_init="fan_in")  # OpenSelfSup's ResNet init, as DenseCL
+        self.backbone = backbones.ResNetTrunk(arch, conv_init="fan_in")  # OpenSelfSup's ResNet init, as DenseCL
         c = self.backbone.out_channels
         self.head = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, dim))
         self.dense_head = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True), nn.Conv2d(c, dim, 1))
@@ -257,11 +259,11 @@ def build_data(args, device):
     augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
     if args.gpu_augment:
         import gpu_augment
-        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
         return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
                 gpu_augment.MoCoV2Views(args.image_size))
-    augment = common.moco_v2_augmentation(args.image_size)
-    dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
+    augment = imagedata.moco_v2_augmentation(args.image_size)
+    dataset = imagedata.build_pretrain_dataset(args, imagedata.TwoViews(augment))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 

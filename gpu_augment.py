@@ -7,7 +7,7 @@ alone is the cheaper part; this module moves the rest to the accelerator.
 
     workers:  DecodeOnly        PIL image -> uint8 (3, h, w), long side capped at --max-side
     collate:  pad_collate       -> uint8 (B, 3, H, W) padded, sizes (B, 2)
-    device:   MoCoV2Views       -> two views, as common.moco_v2_augmentation  (moco, densecl, decon_densecl)
+    device:   MoCoV2Views       -> two views, as imagedata.moco_v2_augmentation  (moco, densecl, decon_densecl)
               OverlappingViews  -> views, overlap boxes, flips, as decon.TwoCropsWithOverlap  (decon)
               EightCropViews    -> eight views, as mcl.EightCrops  (mcl)
               MultiCropViews    -> globals, locals, queries, as adclr.MultiCropWithQueries  (adclr)
@@ -19,7 +19,7 @@ adaptive sampling grid (a box filter where PIL's bilinear uses a triangle when s
 within interpolation tolerance); colour jitter applies brightness, contrast, saturation and hue in
 a random order per sample, with torchvision's tensor formulas (PIL works in uint8, rounding after
 each step); grayscale with torchvision's weights; Gaussian blur with a per-sample sigma, the same
-kernel size (common.blur_kernel) and reflect padding. Random numbers come from the device's
+kernel size (imagedata.blur_kernel) and reflect padding. Random numbers come from the device's
 default generator, whose state the checkpoints save, so a resumed run sees the same views.
 Deviations: images larger than --max-side (default 512) are shrunk by the workers first, so that a
 batch pads to a bounded size (ImageNet and COCO images are at most 500 and 640 px); crops are
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
-import common
+import imagedata
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -183,7 +183,7 @@ def colour(x, strength, p_jitter, p_gray, p_blur, p_solarize, kernel):
 
 
 def normalise(x):
-    return (x - x.new_tensor(common.IMAGENET_MEAN)[:, None, None]) / x.new_tensor(common.IMAGENET_STD)[:, None, None]
+    return (x - x.new_tensor(imagedata.IMAGENET_MEAN)[:, None, None]) / x.new_tensor(imagedata.IMAGENET_STD)[:, None, None]
 
 
 def crops(images, sizes, n, size, scale, flip_p=0.5):
@@ -206,11 +206,11 @@ BYOL = dict(strength=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2)
 
 
 class MoCoV2Views:
-    """common.moco_v2_augmentation on the device: two views of every image of a decoded batch.
+    """imagedata.moco_v2_augmentation on the device: two views of every image of a decoded batch.
     Crop (0.2, 1), colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur 0.5, flip 0.5."""
 
     def __init__(self, size, scale=(0.2, 1.0)):
-        self.size, self.scale, self.kernel = size, scale, common.blur_kernel(size)
+        self.size, self.scale, self.kernel = size, scale, imagedata.blur_kernel(size)
 
     @torch.no_grad()
     def __call__(self, batch, device):
@@ -228,7 +228,7 @@ class OverlappingViews:
     import the method files)."""
 
     def __init__(self, size, min_scale, overlap_boxes):
-        self.size, self.scale, self.kernel, self.overlap_boxes = size, (min_scale, 1.0), common.blur_kernel(size), overlap_boxes
+        self.size, self.scale, self.kernel, self.overlap_boxes = size, (min_scale, 1.0), imagedata.blur_kernel(size), overlap_boxes
 
     @torch.no_grad()
     def __call__(self, batch, device):
@@ -256,7 +256,7 @@ class EightCropViews:
     Returns 8 batches (B, 3, S, S): branch 1's four, then branch 2's."""
 
     def __init__(self, size):
-        self.size, self.kernel = size, common.blur_kernel(size)
+        self.size, self.kernel = size, imagedata.blur_kernel(size)
 
     @torch.no_grad()
     def __call__(self, batch, device):
@@ -282,18 +282,18 @@ class MultiCropViews:
         images, sizes = decoded(batch, device)
         B = len(images)
         g, _, _ = crops(images, sizes, 2, a.global_size, tuple(a.global_scale))
-        k = common.blur_kernel(a.global_size)
+        k = imagedata.blur_kernel(a.global_size)
         globals_ = [colour(g[:B], **BYOL, p_blur=1.0, p_solarize=0.0, kernel=k),
                     colour(g[B:], **BYOL, p_blur=0.1, p_solarize=0.2, kernel=k)]
         local = []
         if a.local_crops:
             x, _, _ = crops(images, sizes, a.local_crops, a.local_size, tuple(a.local_scale))
-            local = list(colour(x, **BYOL, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.local_size)).split(B))
+            local = list(colour(x, **BYOL, p_blur=0.5, p_solarize=0.0, kernel=imagedata.blur_kernel(a.local_size)).split(B))
         queries = torch.zeros(0, device=device)
         if a.num_queries:
             q, _, _ = crops(images, sizes, a.num_queries, a.query_size, tuple(a.query_scale), flip_p=0.0)
             if a.query_augment == "local":
-                q = colour(q, **BYOL, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.query_size))
+                q = colour(q, **BYOL, p_blur=0.5, p_solarize=0.0, kernel=imagedata.blur_kernel(a.query_size))
             else:
                 q = normalise(q)
             queries = q.view(a.num_queries, B, *q.shape[1:]).transpose(0, 1)  # (B, Q, 3, q, q)

@@ -44,7 +44,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import backbones
 import common
+import imagedata
 
 
 # =================================================================================================
@@ -62,7 +64,7 @@ def get_args(argv=None):
     p.add_argument("--sgd-momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
     p.add_argument("--output-dir", default="runs/moco", help="checkpoint, log, args; a rerun resumes from here")
-    common.add_data_args(p)
+    imagedata.add_data_args(p)
     common.add_run_args(p, epochs=200, batch_size=256)
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature"),
@@ -85,7 +87,7 @@ class Encoder(nn.Module):
 
     def __init__(self, arch, dim):
         super().__init__()
-        self.backbone = common.ResNetTrunk(arch)
+        self.backbone = backbones.ResNetTrunk(arch)
         c = self.backbone.out_channels
         self.head = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, dim))
 
@@ -160,11 +162,11 @@ def build_data(args, device):
     augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
     if args.gpu_augment:
         import gpu_augment
-        dataset = common.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
+        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
         return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
                 gpu_augment.MoCoV2Views(args.image_size))
-    augment = common.moco_v2_augmentation(args.image_size)
-    dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
+    augment = imagedata.moco_v2_augmentation(args.image_size)
+    dataset = imagedata.build_pretrain_dataset(args, imagedata.TwoViews(augment))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 

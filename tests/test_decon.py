@@ -9,12 +9,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import backbones
 import common
 import decon
 import eval_dense
+import imagedata
 from conftest import TINY, assert_ranks_equal, python, rank_dump_script, torchrun
 
 TINY_DECON = [*TINY, "--dim-hidden", "64"]
+
+
+def test_crop_with_box_reports_the_crop_it_made():
+    w, h = 200, 100
+    ramp = np.tile(np.arange(w, dtype=np.uint8)[None, :, None], (h, 1, 3))  # pixel value = x coordinate
+    img = Image.fromarray(ramp)
+    for flip_p in (0.0, 1.0):
+        torch.manual_seed(0)
+        crop, box, flip = decon.crop_with_box(img, 50, scale=(0.2, 0.5), flip_p=flip_p)
+        x = np.asarray(crop)[25, :, 0].astype(float)
+        assert flip == bool(flip_p) and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+        left, right = (x[-1], x[0]) if flip else (x[0], x[-1])
+        assert abs(left - box[0].item() * w) < 3 and abs(right - box[2].item() * w) < 3
 
 
 def test_group_loss_equals_naive_per_pixel():
@@ -66,8 +81,8 @@ def test_alignment_maps_the_same_image_point_in_both_views(flip1, flip2):
     xs, ys = np.meshgrid(np.linspace(0, 255, W), np.linspace(0, 255, H))
     img = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], 2).astype(np.uint8))
     torch.manual_seed(3)
-    v1, b1, f1 = common.crop_with_box(img, size, (0.3, 0.5), flip_p=float(flip1))
-    v2, b2, f2 = common.crop_with_box(img, size, (0.3, 0.5), flip_p=float(flip2))
+    v1, b1, f1 = decon.crop_with_box(img, size, (0.3, 0.5), flip_p=float(flip1))
+    v2, b2, f2 = decon.crop_with_box(img, size, (0.3, 0.5), flip_p=float(flip2))
     if b1[0] > b2[0]:  # make sure the crops overlap for this seed
         b2 = b2.clone()
     boxes = decon.overlap_boxes(b1, f1, b2, f2)
@@ -83,7 +98,7 @@ def test_alignment_maps_the_same_image_point_in_both_views(flip1, flip2):
 
 def test_two_crops_always_overlap():
     t = decon.TwoCropsWithOverlap(32, 0.08)
-    img = common.synthetic_scene(0, size=64)[0]
+    img = imagedata.synthetic_scene(0, size=64)[0]
     for _ in range(20):
         views, boxes, flips = t(img)
         assert views[0].shape == (3, 32, 32) and boxes.shape == (2, 4) and flips.shape == (2,)
@@ -91,7 +106,7 @@ def test_two_crops_always_overlap():
 
 
 def test_channel_dropout_is_off_in_eval_mode():
-    fpn = common.FPN([8, 16, 32, 64], 16, skip_dropout=0.5, skip_drop_mode="channel")
+    fpn = backbones.FPN([8, 16, 32, 64], 16, skip_dropout=0.5, skip_drop_mode="channel")
     feats = [torch.randn(2, c, s, s) for c, s in zip([8, 16, 32, 64], [16, 8, 4, 2])]
     fpn.eval()
     assert all(torch.equal(a, b) for a, b in zip(fpn(feats), fpn(feats)))
@@ -229,7 +244,7 @@ def test_decoder_heads_options_and_fcn_width():
 
 def test_whole_map_skip_dropout_drops_a_level_for_the_batch_without_rescaling():
     torch.manual_seed(0)
-    fpn = common.FPN([8, 16, 32, 64], 16, skip_dropout=0.5, skip_drop_mode="map").train()
+    fpn = backbones.FPN([8, 16, 32, 64], 16, skip_dropout=0.5, skip_drop_mode="map").train()
     x = torch.randn(4, 16, 8, 8)
     outs = [fpn.drop_skip(x) for _ in range(40)]
     assert all(torch.equal(o, x) or o.abs().sum() == 0 for o in outs)  # one draw for the whole batch, no 1/(1-p)

@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 
-import common
+import imagedata
 import gpu_augment as ga
 
 
@@ -65,7 +65,7 @@ def test_fixed_colour_factors_equal_torchvisions():
 def test_a_fixed_blur_equals_torchvisions():
     x = torch.rand(3, 3, 40, 40)
     sigma = torch.tensor([0.1, 0.8, 2.0])
-    k = common.blur_kernel(40)
+    k = imagedata.blur_kernel(40)
     ours = ga.gaussian_blur(x, sigma, k)
     theirs = torch.stack([TF.gaussian_blur(x[i], [k, k], [float(s), float(s)]) for i, s in enumerate(sigma)])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
@@ -84,7 +84,7 @@ def _moments(a, b):
 def _images(n=96, size=72):
     torch.manual_seed(0)
     np.random.seed(0)
-    return [common.synthetic_scene(i, size=size)[0] for i in range(n)]
+    return [imagedata.synthetic_scene(i, size=size)[0] for i in range(n)]
 
 
 def _decoded(imgs, repeat):
@@ -93,7 +93,7 @@ def _decoded(imgs, repeat):
 
 def test_moco_views_match_the_pil_pipelines_statistics():
     imgs = _images()
-    cpu = common.moco_v2_augmentation(64)
+    cpu = imagedata.moco_v2_augmentation(64)
     a = torch.stack([cpu(img) for img in imgs for _ in range(4)])  # (384, 3, 64, 64)
     b = torch.cat(ga.MoCoV2Views(64)(_decoded(imgs, 2), torch.device("cpu")))  # (384, 3, 64, 64)
     assert a.shape == b.shape
@@ -150,7 +150,7 @@ def test_solarize_equals_torchvisions():
 
 
 def test_decode_only_caps_the_long_side_and_pads():
-    img = common.synthetic_scene(0, size=100)[0].resize((100, 60))
+    img = imagedata.synthetic_scene(0, size=100)[0].resize((100, 60))
     x = ga.DecodeOnly(max_side=50)(img)
     assert x.dtype == torch.uint8 and x.shape == (3, 30, 50)
     images, sizes = ga.pad_collate([x, ga.DecodeOnly()(img)])

@@ -1,10 +1,13 @@
-"""Each method file, copied alone with common.py into an empty folder, still runs (users copy them)."""
+"""Each method file, copied alone with its plumbing (common.py, imagedata.py, backbones.py) into an empty folder, still
+runs (users copy them)."""
 import shutil
 
 import pytest
 
 import common
 from conftest import REPO, TINY, python
+
+PLUMBING = ("common.py", "imagedata.py", "backbones.py")
 
 CASES = {
     "moco.py": [*TINY, "--queue-size", "64"],
@@ -18,9 +21,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_method_file_and_common_alone_in_an_empty_folder(tmp_path, script):
-    for f in (script, "common.py"):
+def test_method_file_and_its_plumbing_alone_in_an_empty_folder(tmp_path, script):
+    for f in (script, *PLUMBING):
         shutil.copy(REPO / f, tmp_path / f)
     python(script, *CASES[script], "--max-steps", "1", "--output-dir", "out", cwd=tmp_path, env={"PYTHONPATH": ""})
     assert common.load_checkpoint(tmp_path / "out" / "checkpoint.pth")["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == sorted([script, "common.py"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == sorted([script, *PLUMBING])
