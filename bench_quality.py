@@ -7,7 +7,8 @@ BatchNorm and a 1x1 conv on C5 of the ResNet-18 dilated to output stride 8 (the 
 protocol) or on the patch tokens (ViT-micro/8),
 trained to convergence on features computed once (`eval_dense.py --probe-cache`). Every table
 carries the probe's floor (random init) and ceiling (the same backbone trained with the labels for
-the same budget, through the probe's own head, then probed frozen like the others). The encoders
+the same budget, the ViT for 4x (CEILING_X), through the probe's own head, then probed frozen like
+the others). The encoders
 are also probed at 0, 25 and 50% of the budget (learning curves; the runs resume bit-exactly, so
 stopping for a probe changes nothing).
 
@@ -36,6 +37,12 @@ TIERS = {
     "toy": dict(size=32, batch=32, images=64, epoch_len=32, probe_train=16, probe_val=8, workers=0, det_iters=2),  # the test
 }
 FRACTIONS = (0.0, 0.25, 0.5, 1.0)  # where the learning curves are probed
+# The ViT trained from scratch fits the labels far more slowly than the ResNet: after the
+# pre-training budget (256 iterations at the CPU tier) its fine-tuning reached 20.45 mIoU (probed
+# 24.78; 25.41 +- 0.98 over 3 seeds), a range of 19 above its floor where the instrument needs 30;
+# after 4x (1024 iterations) 41.59 (probed 42.27; 43.96 +- 1.50 over 3 seeds). lr 3e-4 and 3e-3 at
+# 256 iterations: 17.11 and 16.74 (seed 0). The issue asks for "at least the pre-training budget".
+CEILING_X = {"vit_micro": 4}
 
 # The small-budget rule, the same for every method (README: each flag below is listed there).
 # The papers' recipes are built for 10^5 steps at batches of 256-4096; a few hundred steps at batch
@@ -85,12 +92,14 @@ def pretrain_command(method, seed, tier, out):
 
 def ceiling_command(arch, seed, tier, out):
     """The supervised ceiling: the probe's architecture (the same linear head on the same features)
-    trained end to end on the scenes' labels with the pre-training budget of images."""
+    trained end to end on the scenes' labels with the pre-training budget of images, the ViT with
+    CEILING_X times that budget."""
     t = TIERS[tier]
     vit = "--patch-size 8" if arch.startswith("vit") else "--output-stride 8"
+    iters = t["images"] // t["batch"] * CEILING_X.get(arch, 1)
     return (f"eval_dense.py --init random --arch {arch} {vit} --task finetune --head linear --optimizer adamw --lr 1e-3 "
             f"--weight-decay 1e-4 --scale-range 1 1 --synthetic-size {t['size']} --crop-size {t['size']} "
-            f"--batch-size {t['batch']} --iters {t['images'] // t['batch']} --synthetic-train {t['images']} "
+            f"--batch-size {t['batch']} --iters {iters} --synthetic-train {t['images']} "
             f"--synthetic-val {t['probe_val']} --seed {seed} --workers {t['workers']} --output-dir {out}").split()
 
 
@@ -254,7 +263,8 @@ def markdown(rows, times, tier):
             curve = " / ".join(f"{r['curve'][str(x)]:.1f}" for x in FRACTIONS) if "curve" in r else "-"
             spent = [times[k] for k in (f"s{s}/{name}" for s in r["seeds"]) if k in times]
             label = {"random": "random init (floor, ResNet-18)", "random-vit": "random init (floor, ViT-micro/8)",
-                     "supervised": "supervised (ceiling, ResNet-18)", "supervised-vit": "supervised (ceiling, ViT-micro/8)"}
+                     "supervised": "supervised (ceiling, ResNet-18)",
+                     "supervised-vit": f"supervised (ceiling, ViT-micro/8, {CEILING_X['vit_micro']}x the images)"}
             lines.append(f"| {label.get(name, name)} | {len(r['seeds'])} | {r['mean']:.2f} ± {r['std']:.2f} | "
                          f"{' / '.join(f'{v:.2f}' for v in r['final'])} | {above} | {curve} | "
                          f"{r.get('moved', float('nan')):.2f} | {statistics.mean(spent) if spent else 0:.0f} |".replace("nan", "-")
