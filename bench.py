@@ -69,7 +69,8 @@ def get_args(argv=None):
     q.add_argument("--methods", nargs="+", default=None, help="a subset (default: all)")
     q.add_argument("--out", default="runs/quality")
     q.add_argument("--detection", action="store_true",
-                   help="also Mask R-CNN box / mask AP of every ResNet row (needs pycocotools; adds det_iters per row)")
+                   help="also Mask R-CNN box / mask AP of every ResNet row (needs pycocotools; adds det_iters "
+                        "per row: about 37 min a row at the CPU tier, README)")
     return p.parse_args(argv)
 
 
