@@ -8,9 +8,8 @@ protocol) or on the patch tokens (ViT-micro/8),
 trained to convergence on features computed once (`eval_dense.py --probe-cache`). Every table
 carries the probe's floor (random init) and ceiling (the same backbone trained with the labels for
 the same budget, the ViT for 4x (CEILING_X), through the probe's own head, then probed frozen like
-the others). The encoders
-are also probed at 0, 25 and 50% of the budget (learning curves; the runs resume bit-exactly, so
-stopping for a probe changes nothing).
+the others). The encoders are also probed at 0, 25 and 50% of the budget (learning curves; the runs
+resume bit-exactly, so stopping for a probe changes nothing).
 
     python bench.py quality --tier cpu --seeds 0 1 2     # about an hour per seed on 2 cores (README: its parts)
     python bench.py quality --tier gpu --seeds 0 1 2     # 10x the budget, on a GPU
@@ -40,7 +39,7 @@ FRACTIONS = (0.0, 0.25, 0.5, 1.0)  # where the learning curves are probed
 # The ViT trained from scratch fits the labels far more slowly than the ResNet: after the
 # pre-training budget (256 iterations at the CPU tier) its fine-tuning reached 20.45 mIoU (probed
 # 24.78; 25.41 +- 0.98 over 3 seeds), a range of 19 above its floor where the instrument needs 30;
-# after 4x (1024 iterations) 41.59 (probed 42.27; 43.96 +- 1.50 over 3 seeds). lr 3e-4 and 3e-3 at
+# after 4x (1024 iterations) 41.59 (probed 42.27; 43.72 +- 1.31 over 4 seeds). lr 3e-4 and 3e-3 at
 # 256 iterations: 17.11 and 16.74 (seed 0). The issue asks for "at least the pre-training budget".
 CEILING_X = {"vit_micro": 4}
 
