@@ -82,14 +82,21 @@ def _extra(args, method):
     return getattr(args, "extra", {}).get(method, [])
 
 
+def _bn_splits(batch):
+    """The one-process shuffle-BN groups of a user's run (moco/densecl: 8 by default), at most as many
+    as leave 4 images per group (2 images' BatchNorm at 1x1 is +-1: bf16 rounding flips its signs)."""
+    return max(g for g in range(1, 9) if batch % g == 0 and batch // g >= min(4, batch))
+
+
 def _views(n, b, size, device):
     return [torch.randn(b, 3, size, size, device=device) for _ in range(n)]
 
 
 def setup_moco(args, device, dtype):
     import moco
-    a = moco.get_args(["--arch", args.arch, "--image-size", str(args.image_size), *_extra(args, "moco")])
-    enc_q = moco.Encoder(a.arch, a.dim).to(device)
+    a = moco.get_args(["--arch", args.arch, "--image-size", str(args.image_size), "--bn-splits",
+                      str(_bn_splits(args.batch_size)), *_extra(args, "moco")])
+    enc_q = common.split_batchnorm(moco.Encoder(a.arch, a.dim), a.bn_splits).to(device)  # as main() in one process
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
     queue = moco.Queue(a.dim, a.queue_size).to(device)
     pq, pk = list(enc_q.parameters()), list(enc_k.parameters())
@@ -104,8 +111,9 @@ def setup_moco(args, device, dtype):
 
 def setup_densecl(args, device, dtype):
     import densecl
-    a = densecl.get_args(["--arch", args.arch, "--image-size", str(args.image_size), *_extra(args, "densecl")])
-    enc_q = densecl.Encoder(a.arch, a.dim).to(device)
+    a = densecl.get_args(["--arch", args.arch, "--image-size", str(args.image_size), "--bn-splits",
+                      str(_bn_splits(args.batch_size)), *_extra(args, "densecl")])
+    enc_q = common.split_batchnorm(densecl.Encoder(a.arch, a.dim), a.bn_splits).to(device)  # as main() in one process
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
     queue, queue2 = densecl.Queue(a.dim, a.queue_size).to(device), densecl.Queue(a.dim, a.queue_size).to(device)
     pq, pk = list(enc_q.parameters()), list(enc_k.parameters())

@@ -51,10 +51,12 @@ CEILING_X = {"vit_micro": 4}
 # (2) warm-ups take 10% of the budget; (3) EMA teachers start at momentum 0.99 (MoCo/DenseCL's
 # 0.999 would leave 77% of the random init in the keys after 256 steps; DINO's 0.996 likewise);
 # (4) queues hold 1024 keys (a 65536-key queue would still hold random keys at the end); (5)
-# SlotCon/DeCon: 256-wide heads and 64 prototypes, the cost the CPU budget allows.
+# SlotCon/DeCon: 256-wide heads and 64 prototypes, the cost the CPU budget allows; (6) shuffle BN
+# (MoCo/DenseCL) emulated in one process over 4 BatchNorm groups (--bn-splits 4: 8 images each at
+# the CPU tier, 32 at the GPU tier as on each of the papers' 8 GPUs).
 PRETRAIN = {
-    "moco": ("moco.py", "resnet18", "--queue-size 1024 --momentum 0.99 --lr {lr:g}", dict(lr=0.03)),
-    "densecl": ("densecl.py", "resnet18", "--queue-size 1024 --momentum 0.99 --lr {lr:g}", dict(lr=0.03)),
+    "moco": ("moco.py", "resnet18", "--queue-size 1024 --momentum 0.99 --bn-splits 4 --lr {lr:g}", dict(lr=0.03)),
+    "densecl": ("densecl.py", "resnet18", "--queue-size 1024 --momentum 0.99 --bn-splits 4 --lr {lr:g}", dict(lr=0.03)),
     "slotcon": ("decon.py", "resnet18", "--decoder none --dim-hidden 256 --num-prototypes 64 --warmup-epochs {warm:g} "
                 "--lr {lr:g}", dict(lr=1.0 * 8)),
     "decon-sl": ("decon.py", "resnet18", "--dim-hidden 256 --num-prototypes 64 --warmup-epochs {warm:g} --lr {lr:g}",

@@ -25,9 +25,10 @@ Reference results (abstract; the DenseCL and SlotCon versions are reported toget
 without decoder. Not reproduced here.
 
 As densecl.py (read its docstring): the key encoder is an EMA (m = 0.999, before the keys are
-computed), shuffle BN under DDP, queues of 65536 with one pooled dense key per image, T = 0.2,
-lambda = 0.5, MoCo v2 augmentation, SGD lr 0.03 x N/256 (0.3 on COCO) cosine per epoch, OpenSelfSup
-init. The decoder is built as decon.py's (detectron2's c2_xavier_fill for the FPN convs).
+computed), shuffle BN under DDP (emulated in one process with --bn-splits, as densecl.py), queues
+of 65536 with one pooled dense key per image, T = 0.2, lambda = 0.5, MoCo v2 augmentation, SGD lr
+0.03 x N/256 (0.3 on COCO) cosine per epoch, OpenSelfSup init. The decoder is built as decon.py's
+(detectron2's c2_xavier_fill for the FPN convs).
 
 Deviations and choices: the DeCon code for its DenseCL version was not available to this project;
 what is not DenseCL's or decon.py's is this file's choice: the decoder's dense heads are DenseCL's
@@ -70,6 +71,7 @@ def get_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.999, help="key encoder EMA momentum m (DenseCL: 0.999)")
     p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature (DenseCL: 0.2)")
     p.add_argument("--loss-lambda", type=float, default=0.5, help="dense weight in the encoder's loss (DenseCL: 0.5)")
+    common.add_bn_splits_arg(p)
     p.add_argument("--lr", type=float, default=None, help="SGD lr (default: 0.03 x N/256; 0.3 x N/256 on COCO)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(DenseCL: 1e-4)")
     p.add_argument("--output-dir", default="runs/decon-densecl", help="checkpoint, log, args; a rerun resumes from here")
@@ -89,6 +91,7 @@ def get_args(argv=None):
     args.alpha = 1.0 if args.decoder == "none" else args.encoder_loss_weight
     coco = args.data in ("coco", "coco+")
     common.split_batch(p, args)
+    common.check_bn_splits(p, args)
     if args.queue_size < args.batch_size:
         p.error(f"--queue-size {args.queue_size} is smaller than the global batch {args.batch_size}: one push would "
                 f"write some queue slots twice (nondeterministic on CUDA); use a queue of at least one global batch")
@@ -310,6 +313,9 @@ def train_step(views, model_q, net_k, global_queue, dense_queues, params_k, para
                 x_k, unshuffle = batch_shuffle(x_k)
                 out_k = [[None if t is None else common.concat_all_gather(t.float())[unshuffle] for t in o]
                          for o in net_k(x_k)]
+            elif args.bn_splits > 1:  # shuffle BN emulated: the key of image n lands in a random BatchNorm group
+                perm = torch.randperm(x_k.shape[0], device=device)  # (B,)
+                out_k = [[None if t is None else t[torch.argsort(perm)] for t in o] for o in net_k(x_k[perm])]
             else:
                 out_k = net_k(x_k)
     loss, per_head, global_keys, dense_keys = decon_losses(out_q, out_k, global_queue, dense_queues, weights, args)
@@ -340,7 +346,10 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     lr_schedule = common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)  # per epoch
 
-    net_q = Network(args).to(device)
+    net_q = Network(args)
+    if world == 1:  # per-group BatchNorm statistics (encoder and decoder), as per-GPU ones under torchrun
+        common.split_batchnorm(net_q, args.bn_splits)
+    net_q = net_q.to(device)
     net_k = copy.deepcopy(net_q).requires_grad_(False)  # the key encoder
     n_heads = len(net_q.heads)
     weights = head_weights(args, n_heads)

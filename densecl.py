@@ -41,8 +41,10 @@ As the official code: the backbone has OpenSelfSup's ResNet init (kaiming normal
 neck's Linears kaiming fan_in with zero bias, its 1x1 convs PyTorch's default init.
 
 Deviations from the official code:
-- One process: no shuffle BN is possible (the official code has no single-GPU mode); the key
-  encoder's BatchNorm then sees the whole key batch.
+- One process: shuffle BN emulated as moco.py does (--bn-splits groups of the batch, each with its
+  own BatchNorm statistics, the key batch shuffled across them; default 8 = the paper's 8 GPUs);
+  the official model shuffles through torch.distributed in every step, so it runs under DDP only.
+  --bn-splits 1: one BatchNorm over the batch.
 - Queues are written with modular indices, so the global batch need not divide the queue size (it
   must not exceed it).
 - bf16 autocast by default on CUDA (the official code trains in fp32); --amp fp32 restores it. The
@@ -81,6 +83,7 @@ def get_args(argv=None):
     p.add_argument("--loss-lambda", type=float, default=0.5, help="weight of the dense loss, lambda (paper: 0.5)")
     p.add_argument("--dense-warmup-iters", type=int, default=0,
                    help="iterations with lambda = 0 at the start (off in the released configs)")
+    common.add_bn_splits_arg(p)
     p.add_argument("--lr", type=float, default=None, help="SGD lr (default: 0.03 x N/256; 0.3 x N/256 on COCO)")
     p.add_argument("--sgd-momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
@@ -95,6 +98,7 @@ def get_args(argv=None):
     # longer with a 10x learning rate.
     coco = args.data in ("coco", "coco+")
     common.split_batch(p, args)
+    common.check_bn_splits(p, args)
     if args.queue_size < args.batch_size:
         p.error(f"--queue-size {args.queue_size} is smaller than the global batch {args.batch_size}: one push would "
                 f"write some queue slots twice (nondeterministic on CUDA); use a queue of at least one global batch")
@@ -282,6 +286,9 @@ def train_step(views, model_q, encoder_k, queue, queue2, params_k, params_q, opt
             if common.world_size() > 1:
                 im_k, unshuffle = batch_shuffle(im_k)
                 k_out = [batch_unshuffle(t.float(), unshuffle) for t in encoder_k(im_k)]
+            elif args.bn_splits > 1:  # shuffle BN emulated: the key of image n lands in a random BatchNorm group
+                perm = torch.randperm(im_k.shape[0], device=device)  # (B,)
+                k_out = [t[torch.argsort(perm)] for t in encoder_k(im_k[perm])]
             else:
                 k_out = encoder_k(im_k)
     q_feat, q, q_grid, _ = (F.normalize(t.float(), dim=1) for t in q_out)  # (B, C, S²), (B, D), (B, D, S²)
@@ -319,7 +326,10 @@ def main(argv=None):
                   f"lr {args.lr:g} | {args.epochs} epochs x {steps_per_epoch} steps = {total_steps} | "
                   f"lambda {args.loss_lambda} | amp {dtype} | device {device} | output {out}")
 
-    encoder_q = Encoder(args.arch, args.dim).to(device)
+    encoder_q = Encoder(args.arch, args.dim)
+    if world == 1:  # per-group BatchNorm statistics, as the official code's per-GPU ones
+        common.split_batchnorm(encoder_q, args.bn_splits)
+    encoder_q = encoder_q.to(device)
     encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # starts equal to the query encoder
     queue, queue2 = Queue(args.dim, args.queue_size).to(device), Queue(args.dim, args.queue_size).to(device)
     if device.type == "cuda":

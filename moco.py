@@ -24,8 +24,11 @@ pre-training: VOC det AP 54.7, VOC seg mIoU 64.5.
 Measured here: see the README's miniature reproduction (`python bench.py quality`).
 
 Deviations from the official code:
-- One process: no shuffle BN is possible (the official code has no single-GPU mode). BatchNorm of
-  the key encoder then sees the whole key batch, which leaks a little information between samples.
+- One process: shuffle BN is emulated as in the official repository's Colab demo
+  (colab/moco_cifar10_demo.ipynb, branch colab-notebook; its main_moco.py runs under DDP only):
+  every BatchNorm normalises --bn-splits groups of the batch apart (default 8, the paper's 8 GPUs:
+  a one-process batch of 256 then has the paper's per-GPU statistics of 32 images), and the key
+  batch is shuffled before the key encoder. --bn-splits 1: one BatchNorm over the whole batch.
 - The queue is written with modular indices, so the global batch need not divide the queue size
   (the official code asserts it does; it must not exceed it); with a dividing batch the queue is
   the same FIFO.
@@ -60,6 +63,7 @@ def get_args(argv=None):
     p.add_argument("--queue-size", type=int, default=65536, help="negative keys in the queue, K (paper: 65536)")
     p.add_argument("--momentum", type=float, default=0.999, help="key encoder EMA momentum m (paper: 0.999)")
     p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature T (MoCo v2: 0.2)")
+    common.add_bn_splits_arg(p)
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.03 x batch/256)")
     p.add_argument("--sgd-momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
@@ -72,6 +76,7 @@ def get_args(argv=None):
     common.check_image_size(p, args, dense=False)
     # Derived values, computed once.
     common.split_batch(p, args)
+    common.check_bn_splits(p, args)
     if args.queue_size < args.batch_size:
         p.error(f"--queue-size {args.queue_size} is smaller than the global batch {args.batch_size}: one push would "
                 f"write some queue slots twice (nondeterministic on CUDA); use a queue of at least one global batch")
@@ -184,6 +189,9 @@ def train_step(views, model_q, encoder_k, queue, params_k, params_q, optimizer, 
             if common.world_size() > 1:
                 im_k, unshuffle = batch_shuffle(im_k)
                 k = batch_unshuffle(encoder_k(im_k).float(), unshuffle)  # (B, D)
+            elif args.bn_splits > 1:  # shuffle BN emulated: the key of image n lands in a random BatchNorm group
+                perm = torch.randperm(im_k.shape[0], device=device)  # (B,)
+                k = encoder_k(im_k[perm])[torch.argsort(perm)]  # (B, D)
             else:
                 k = encoder_k(im_k)
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
@@ -215,7 +223,10 @@ def main(argv=None):
                   f"lr {args.lr:g} | {steps_per_epoch} steps/epoch, {total_steps} in all | "
                   f"amp {dtype} | device {device} | output {out}")
 
-    encoder_q = Encoder(args.arch, args.dim).to(device)
+    encoder_q = Encoder(args.arch, args.dim)
+    if world == 1:  # per-group BatchNorm statistics, as the official code's per-GPU ones
+        common.split_batchnorm(encoder_q, args.bn_splits)
+    encoder_q = encoder_q.to(device)
     encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # starts equal to the query encoder
     queue = Queue(args.dim, args.queue_size).to(device)
     if device.type == "cuda":

@@ -1,5 +1,6 @@
 """common.py, imagedata.py, backbones.py: data presets, synthetic scenes, augmentations, networks, schedules, checkpoints."""
 import argparse
+import copy
 import warnings
 
 import numpy as np
@@ -221,3 +222,24 @@ def test_resnet_inits():
     w = enc.dense_head[0].weight
     assert w.abs().max().item() <= 1 / math.sqrt(2048) + 1e-6 and enc.dense_head[0].bias.abs().sum() > 0
     assert enc.head[0].weight.std().item() == pytest.approx(math.sqrt(2 / 2048), rel=0.05)
+
+
+def test_split_batchnorm_is_batchnorm_per_group_with_the_same_state():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    bn.weight.data.uniform_(0.5, 2)
+    bn.bias.data.normal_()
+    split = common.split_batchnorm(torch.nn.Sequential(copy.deepcopy(bn)), 4)[0]
+    assert isinstance(split, common.SplitBatchNorm2d) and split.state_dict().keys() == bn.state_dict().keys()
+    x = torch.randn(8, 3, 5, 5) * torch.arange(1, 9).view(8, 1, 1, 1)  # groups with different statistics
+    groups = [copy.deepcopy(bn) for _ in range(4)]
+    expected = torch.empty_like(x)
+    for g, b in enumerate(groups):  # group g: images 2g, 2g + 1 (the g-th of 4 consecutive slices)
+        expected[2 * g:2 * g + 2] = b(x[2 * g:2 * g + 2])
+    assert torch.allclose(split(x), expected, atol=1e-5)
+    assert not torch.allclose(bn(x), expected, atol=1e-3)  # one BatchNorm over the batch differs
+    for name in ("running_mean", "running_var"):  # moved by the mean of the groups' statistics
+        assert torch.allclose(getattr(split, name), torch.stack([getattr(b, name) for b in groups]).mean(0), atol=1e-6)
+    split.eval()
+    assert torch.allclose(split(x), torch.nn.functional.batch_norm(x, split.running_mean, split.running_var, split.weight,
+                                                                   split.bias), atol=1e-6)

@@ -46,7 +46,7 @@ def test_encoder_head_loss_is_densecls():
 @pytest.mark.parametrize("flags", [[], ["--decoder", "fcn"], ["--encoder-loss-weight", "0", "--deep-supervision"]])
 def test_runs_with_finite_losses_and_exports_the_decoder(tmp_path, flags):
     out = tmp_path / "run"
-    python("decon_densecl.py", *TINY, "--queue-size", "64", "--max-steps", "2", "--output-dir", out, *flags)
+    python("decon_densecl.py", *TINY, "--bn-splits", "2", "--queue-size", "64", "--max-steps", "2", "--output-dir", out, *flags)
     for line in (out / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         assert math.isfinite(rec["loss"]) and all(math.isfinite(x) for x in rec["head_losses"])

@@ -64,7 +64,7 @@ def test_coco_recipe_defaults():
 
 def test_densecl_runs_and_fills_both_queues(tmp_path):  # resuming: tests/test_reliability.py
     out = tmp_path / "run"
-    python("densecl.py", *TINY, "--queue-size", "64", "--epochs", "2", "--max-steps", "5", "--output-dir", out)
+    python("densecl.py", *TINY, "--bn-splits", "2", "--queue-size", "64", "--epochs", "2", "--max-steps", "5", "--output-dir", out)
     ck = common.load_checkpoint(out / "checkpoint.pth")
     assert ck["step"] == 5 and ck["queue"]["ptr"].item() == 40 and ck["queue2"]["ptr"].item() == 40
     for name in ("queue", "queue2"):  # 40 real keys, unit norm, the rest still random
@@ -77,7 +77,7 @@ def test_densecl_runs_and_fills_both_queues(tmp_path):  # resuming: tests/test_r
 
 
 def test_dense_warmup_sets_lambda_to_zero(tmp_path):
-    python("densecl.py", *TINY, "--queue-size", "64", "--max-steps", "2", "--dense-warmup-iters", "1",
+    python("densecl.py", *TINY, "--bn-splits", "2", "--queue-size", "64", "--max-steps", "2", "--dense-warmup-iters", "1",
            "--output-dir", tmp_path / "run")
     first = __import__("json").loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert abs(first["loss"] - first["loss_global"]) < 1e-5 and abs(first["loss_dense"] - first["loss"]) > 1e-3

@@ -152,7 +152,7 @@ TINY_EVAL = ["--arch", "resnet18", "--synthetic-size", "64", "--crop-size", "64"
 
 
 def test_probe_from_random_and_from_a_moco_run(tmp_path):
-    python("moco.py", "--arch", "resnet18", "--image-size", "32", "--synthetic-len", "16", "--batch-size", "8",
+    python("moco.py", "--arch", "resnet18", "--image-size", "32", "--synthetic-len", "16", "--batch-size", "8", "--bn-splits", "2",
            "--workers", "0", "--queue-size", "64", "--max-steps", "1", "--output-dir", tmp_path / "moco")
     for init in ("random", tmp_path / "moco"):
         out = tmp_path / f"eval-{'random' if init == 'random' else 'moco'}"

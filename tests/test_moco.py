@@ -1,4 +1,6 @@
 """moco.py: loss, queue, momentum, shuffle BN, and whole runs (resume, torchrun, copied alone)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,13 +66,51 @@ def test_shuffle_then_unshuffle_returns_each_samples_own_output(tmp_path):
     assert not torch.equal(r[0]["shuffled"], r[0]["x"])  # and it did move them
 
 
+@pytest.mark.parametrize("splits", [2, 4])
+def test_one_process_emulates_shuffle_bn_per_group(splits, monkeypatch):
+    """--bn-splits G in one process: every BatchNorm of both encoders normalises G groups of the batch
+    apart (as G GPUs would), and the key of image n comes from the group that the shuffle put it in.
+    Checked against plain BatchNorm copies run on each group of the shuffled key batch."""
+    args = moco.get_args(["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--bn-splits", str(splits),
+                          "--queue-size", "64", "--momentum", "1.0"])  # m = 1: the key encoder stays as it is
+    torch.manual_seed(0)
+    plain = moco.Encoder("resnet18", 128)
+    encoder_q = common.split_batchnorm(copy.deepcopy(plain), splits)
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
+    assert sum(isinstance(m, common.SplitBatchNorm2d) for m in encoder_q.modules()) == 20  # every BN of the trunk
+    queue, seen = moco.Queue(128, 64), {}
+    im_q, im_k = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.0)
+    monkeypatch.setattr(moco, "infonce", lambda q, k, keys, t: seen.setdefault("k", k) is k and q.sum() * 0)  # keep k
+    torch.manual_seed(1)
+    moco.train_step((im_q, im_k), encoder_q, encoder_k, queue, list(encoder_k.parameters()), list(encoder_q.parameters()),
+                    optimizer, torch.amp.GradScaler("cpu", enabled=False), args, None, torch.device("cpu"))
+    torch.manual_seed(1)
+    perm = torch.randperm(8)  # the permutation train_step drew
+    shuffled, expected = im_k[perm], torch.empty(8, 128)
+    for g in range(splits):  # group g: the g-th slice of the shuffled batch, through a plain BatchNorm
+        rows = slice(g * 8 // splits, (g + 1) * 8 // splits)
+        expected[perm[rows]] = F.normalize(copy.deepcopy(plain).train()(shuffled[rows]), dim=1)
+    assert torch.allclose(seen["k"], expected, atol=1e-5)
+    whole = F.normalize(copy.deepcopy(plain).train()(im_k), dim=1)  # one BatchNorm over the batch: not the same
+    assert not torch.allclose(seen["k"], whole, atol=1e-3)
+
+
+def test_bn_splits_must_leave_two_images_per_group(capsys):
+    with pytest.raises(SystemExit):
+        moco.get_args(["--batch-size", "8"])  # the default 8 groups would hold one image each
+    err = capsys.readouterr().err
+    assert "--bn-splits 8" in err and "at least 2 images" in err
+    assert moco.get_args(["--batch-size", "8", "--bn-splits", "1"]).bn_splits == 1
+
+
 def _ckpt(path):
     return common.load_checkpoint(path)
 
 
 def test_moco_runs_then_resumes_at_saved_step_with_saved_queue(tmp_path):
     out = tmp_path / "run"
-    args = ["moco.py", *TINY, "--queue-size", "64", "--epochs", "3", "--output-dir", out, "--save-every", "1"]
+    args = ["moco.py", *TINY, "--bn-splits", "2", "--queue-size", "64", "--epochs", "3", "--output-dir", out, "--save-every", "1"]
     python(*args, "--max-steps", "3")
     first = _ckpt(out / "checkpoint.pth")
     assert first["step"] == 3 and first["queue"]["ptr"].item() == 24
@@ -103,5 +143,5 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
 
 def test_bad_batch_size_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        moco.build_data(moco.get_args(["--synthetic-len", "4", "--batch-size", "8", "--image-size", "32"]),
+        moco.build_data(moco.get_args(["--synthetic-len", "4", "--batch-size", "8", "--bn-splits", "2", "--image-size", "32"]),
                         torch.device("cpu"))

@@ -21,8 +21,8 @@ from conftest import REPO, TINY, python
 
 # Each method at its smallest: 4 steps per epoch (mcl: 2), 3 epochs.
 RUNS = {
-    "moco": [*TINY, "--queue-size", "64"],
-    "densecl": [*TINY, "--queue-size", "64"],
+    "moco": [*TINY, "--bn-splits", "2", "--queue-size", "64"],
+    "densecl": [*TINY, "--bn-splits", "2", "--queue-size", "64"],
     "decon": [*TINY, "--dim-hidden", "64"],
     "mcl": ["--arch", "resnet18", "--image-size", "32", "--batch-size", "32", "--synthetic-len", "64", "--workers", "0",
             "--log-every", "1", "--head-windows", "used"],  # the cheaper head path: the same resume machinery

@@ -10,10 +10,10 @@ from conftest import REPO, TINY, python
 PLUMBING = ("common.py", "imagedata.py", "backbones.py")
 
 CASES = {
-    "moco.py": [*TINY, "--queue-size", "64"],
-    "densecl.py": [*TINY, "--queue-size", "64"],
+    "moco.py": [*TINY, "--bn-splits", "2", "--queue-size", "64"],
+    "densecl.py": [*TINY, "--bn-splits", "2", "--queue-size", "64"],
     "decon.py": [*TINY, "--dim-hidden", "64"],
-    "decon_densecl.py": [*TINY, "--queue-size", "64"],
+    "decon_densecl.py": [*TINY, "--bn-splits", "2", "--queue-size", "64"],
     "mcl.py": ["--arch", "resnet18", "--image-size", "32", "--batch-size", "32", "--synthetic-len", "32", "--workers", "0"],
     "adclr.py": ["--arch", "vit_micro", "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--num-queries",
                  "4", "--out-dim", "128", "--synthetic-len", "32", "--batch-size", "8", "--workers", "0"],
