@@ -101,9 +101,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics come from `splits` groups of the batch taken apart, as
     `splits` processes would each compute them: one process emulates shuffle BN's per-GPU BatchNorm
     (MoCo's official Colab demo, colab/moco_cifar10_demo.ipynb, does the same with bn_splits 8).
-    Group g is the g-th of `splits` equal consecutive slices of the batch: views in any memory format,
-    so no copy (a MoCo v2 step, ResNet-50, 224 px, batch 8, 2 groups, 2-core CPU: 1.618 s against
-    1.545 s with one BatchNorm; one BatchNorm over the batch reshaped to (N/G, G*C), as the demo: 1.766).
+    Group g is the g-th of `splits` equal consecutive slices of the batch: views in any memory format
+    (the demo's reshape to (N/G, G*C) copies a channels_last batch, and was slower on a CPU too).
     The running statistics move by the mean of the groups' statistics. Same parameters and buffers
     as nn.BatchNorm2d, so checkpoints are interchangeable; in eval mode it is nn.BatchNorm2d."""
 
