@@ -91,10 +91,12 @@ def check_bn_splits(parser, args):
     """In one process the batch must split into --bn-splits groups of at least 2 images (after split_batch)."""
     if args.bn_splits < 1:
         parser.error(f"--bn-splits {args.bn_splits}: must be >= 1")
-    if args.world_size == 1 and (args.batch_size % args.bn_splits or args.batch_size // args.bn_splits < 2):
-        parser.error(f"--batch-size {args.batch_size} does not split into --bn-splits {args.bn_splits} BatchNorm groups "
-                     f"of at least 2 images each: pick --bn-splits dividing the batch with 2+ images per group "
-                     f"(e.g. --bn-splits {max(1, min(8, args.batch_size // 8))} keeps 8 per group), or 1 for no shuffle BN")
+    b = args.batch_size
+    if args.world_size == 1 and (b % args.bn_splits or b // args.bn_splits < 2):
+        fit = max([g for g in range(1, 9) if b % g == 0 and b // g >= 2], default=1)
+        parser.error(f"--batch-size {b} does not split into --bn-splits {args.bn_splits} BatchNorm groups of at least "
+                     f"2 images each: pick a --bn-splits that divides the batch with 2+ images per group (e.g. "
+                     f"--bn-splits {fit}: {b // fit} images each), or 1 for one BatchNorm over the batch (no shuffle BN)")
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):

@@ -100,7 +100,7 @@ def test_bn_splits_must_leave_two_images_per_group(capsys):
     with pytest.raises(SystemExit):
         moco.get_args(["--batch-size", "8"])  # the default 8 groups would hold one image each
     err = capsys.readouterr().err
-    assert "--bn-splits 8" in err and "at least 2 images" in err
+    assert "--bn-splits 8" in err and "at least 2 images" in err and "--bn-splits 4: 2 images each" in err
     assert moco.get_args(["--batch-size", "8", "--bn-splits", "1"]).bn_splits == 1
 
 
