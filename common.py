@@ -88,9 +88,8 @@ def add_bn_splits_arg(parser):
 
 
 def check_bn_splits(parser, args):
-    """In one process the batch must split into --bn-splits groups of at least 2 images (after split_batch)."""
-    if args.bn_splits < 1:
-        parser.error(f"--bn-splits {args.bn_splits}: must be >= 1")
+    """In one process the batch must split into --bn-splits groups of at least 2 images (after
+    split_batch; check_args has refused --bn-splits < 1)."""
     b = args.batch_size
     if args.world_size == 1 and (b % args.bn_splits or b // args.bn_splits < 2):
         fit = max([g for g in range(1, 9) if b % g == 0 and b // g >= 2], default=1)
@@ -113,32 +112,30 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.splits = splits
 
     def forward(self, x):  # (N, C, H, W), N a multiple of splits
-        if not self.training or self.splits == 1:
+        if not self.training:
             return super().forward(x)
-        tracked = self.running_mean is not None
-        if tracked:
-            self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-        stats = [(self.running_mean.clone(), self.running_var.clone()) if tracked else (None, None)
-                 for _ in range(self.splits)]  # each group moves its own copy, as each process would
-        y = torch.cat([nn.functional.batch_norm(part, mean, var, self.weight, self.bias, True, momentum, self.eps)
+        self.num_batches_tracked.add_(1)
+        stats = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(self.splits)]  # one per group
+        y = torch.cat([nn.functional.batch_norm(part, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
                        for part, (mean, var) in zip(x.chunk(self.splits), stats)])  # (N, C, H, W)
-        if tracked:
-            with torch.no_grad():
-                self.running_mean.copy_(torch.stack([mean for mean, _ in stats]).mean(0))
-                self.running_var.copy_(torch.stack([var for _, var in stats]).mean(0))
+        with torch.no_grad():
+            self.running_mean.copy_(torch.stack([mean for mean, _ in stats]).mean(0))
+            self.running_var.copy_(torch.stack([var for _, var in stats]).mean(0))
         return y
 
 
 def split_batchnorm(module, splits):
     """Replace every nn.BatchNorm2d in `module` by a SplitBatchNorm2d with the same state (call it before
-    moving `module` to its device); returns `module`."""
+    moving `module` to its device); returns `module`. Every one must track running statistics with a
+    fixed momentum (PyTorch's default), as every BatchNorm of the networks here does."""
     if splits == 1:
         return module
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
+            if not child.track_running_stats or child.momentum is None:
+                raise ValueError(f"{name}: split BatchNorm needs running statistics with a fixed momentum")
             split = SplitBatchNorm2d(child.num_features, splits, eps=child.eps, momentum=child.momentum,
-                                     affine=child.affine, track_running_stats=child.track_running_stats)
+                                     affine=child.affine)
             split.load_state_dict(child.state_dict())
             setattr(module, name, split)
         else:

@@ -78,7 +78,7 @@ def get_args(argv=None):
     imagedata.add_data_args(p)
     common.add_run_args(p, epochs=None, batch_size=256, epochs_help="training epochs (default: 800 on COCO, 200 otherwise)")
     args = p.parse_args(argv)
-    common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "fcn_channels"),
+    common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "fcn_channels", "bn_splits"),
                       non_negative=("weight_decay", "loss_lambda", "skip_dropout", "skip_channel_dropout"))
     common.check_image_size(p, args, dense=True)
     if args.skip_channel_dropout > 0 and args.skip_dropout > 0:

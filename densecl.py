@@ -91,7 +91,7 @@ def get_args(argv=None):
     imagedata.add_data_args(p)
     common.add_run_args(p, epochs=None, batch_size=256, epochs_help="training epochs (default: 800 on COCO, 200 otherwise)")
     args = p.parse_args(argv)
-    common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature"),
+    common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "bn_splits"),
                       non_negative=("weight_decay", "loss_lambda", "dense_warmup_iters"))
     common.check_image_size(p, args, dense=True)
     # Derived values, computed once. COCO has 1/10 of ImageNet's images: the paper trains it 4x

@@ -71,7 +71,7 @@ def get_args(argv=None):
     imagedata.add_data_args(p)
     common.add_run_args(p, epochs=200, batch_size=256)
     args = p.parse_args(argv)
-    common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature"),
+    common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "bn_splits"),
                       non_negative=("weight_decay",))
     common.check_image_size(p, args, dense=False)
     # Derived values, computed once.
