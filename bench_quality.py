@@ -231,6 +231,10 @@ def summary(per_seed):
             row["curve"] = {str(f): float(np.mean([per_seed[s][name][f] for s in seeds])) for f in FRACTIONS}
             row["curve_std"] = {str(f): sd([per_seed[s][name][f] for s in seeds]) for f in FRACTIONS}
             row["moved"] = float(np.mean([per_seed[s][name]["moved"] for s in seeds]))
+            # Against its own start, paired per seed: each method's 0% snapshot is its own random
+            # init, which is not the floor row's (SlotCon/DeCon zero the last BN of every block).
+            gain = [per_seed[s][name][1.0] - per_seed[s][name][0.0] for s in seeds]
+            row["gain"] = {"per_seed": gain, "mean": float(np.mean(gain)), "std": sd(gain)}
         det = [s for s in seeds if "det" in per_seed[s][name]]
         for i, key in enumerate(("box_AP", "mask_AP")):
             if det:
@@ -241,16 +245,18 @@ def summary(per_seed):
 
 
 def markdown(rows, times, tier):
-    """The README table: floor and ceiling in every family, SSL rows with their distance to the floor."""
+    """The README table: floor and ceiling in every family, SSL rows with their distance to the floor
+    (z: over the std of the difference of the two means) and to their own start (paired over seeds:
+    mean ± std of final − 0%, z = mean / std)."""
     t = TIERS[tier]
     det = any("box_AP" in r for r in rows.values())
     seeds = sorted({s for r in rows.values() for s in r["seeds"]})
     lines = [f"Tier {tier}: {t['images']} images per pre-training (batch {t['batch']}, {t['size']} px), seeds "
              f"{', '.join(map(str, seeds))} (each row: the seeds it has); probe mIoU, mean ± std over its seeds"
              + (f"; Mask R-CNN box / mask AP after {t['det_iters']} iterations of fine-tuning." if det else "."), "",
-             "| method | seeds | probe mIoU | per seed | above the floor (z) | at 0 / 25 / 50 / 100% | encoder moved (%) | "
-             "pre-training (s) |" + (" box AP | mask AP |" if det else "") + " paper (another protocol) |",
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if det else "") + "---|"]
+             "| method | seeds | probe mIoU | per seed | above the floor (z) | above its start (z) | at 0 / 25 / 50 / 100% | "
+             "encoder moved (%) | pre-training (s) |" + (" box AP | mask AP |" if det else "") + " paper (another protocol) |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if det else "") + "---|"]
     ap = lambda r, k: f" {r[k]['mean']:.2f} ± {r[k]['std']:.2f} |" if k in r else " - |"
     for arch, floor, ceiling in (("resnet18", "random", "supervised"), ("vit_micro", "random-vit", "supervised-vit")):
         if floor not in rows:
@@ -261,13 +267,16 @@ def markdown(rows, times, tier):
             spread = (r["std"] ** 2 + f["std"] ** 2) ** 0.5  # the std of the difference of two means
             above = (f"{(r['mean'] - f['mean']) / spread:+.1f}" if name != floor and min(len(r["seeds"]), len(f["seeds"])) > 1
                      and spread > 0 else "-")
+            g = r.get("gain")
+            own = "-" if g is None else f"{g['mean']:+.2f} ± {g['std']:.2f}" + (
+                f" ({g['mean'] / g['std']:+.1f})" if len(g["per_seed"]) > 1 and g["std"] > 0 else "")
             curve = " / ".join(f"{r['curve'][str(x)]:.1f}" for x in FRACTIONS) if "curve" in r else "-"
             spent = [times[k] for k in (f"s{s}/{name}" for s in r["seeds"]) if k in times]
             label = {"random": "random init (floor, ResNet-18)", "random-vit": "random init (floor, ViT-micro/8)",
                      "supervised": "supervised (ceiling, ResNet-18)",
                      "supervised-vit": f"supervised (ceiling, ViT-micro/8, {CEILING_X['vit_micro']}x the images)"}
             lines.append(f"| {label.get(name, name)} | {len(r['seeds'])} | {r['mean']:.2f} ± {r['std']:.2f} | "
-                         f"{' / '.join(f'{v:.2f}' for v in r['final'])} | {above} | {curve} | "
+                         f"{' / '.join(f'{v:.2f}' for v in r['final'])} | {above} | {own} | {curve} | "
                          f"{r.get('moved', float('nan')):.2f} | {statistics.mean(spent) if spent else 0:.0f} |".replace("nan", "-")
                          + (ap(r, "box_AP") + ap(r, "mask_AP") if det else "") + f" {PAPERS.get(name, '-')} |")
     return "\n".join(lines)

@@ -55,7 +55,8 @@ def test_quality_pipeline_at_toy_size_reports_what_the_runs_measured(tmp_path):
 
 def test_quality_table_merges_every_finished_seed_from_disk(tmp_path):
     """A later command that adds seeds for some rows only: each row reports its own seeds, and z is
-    computed only where both the row and its floor have more than one seed."""
+    computed only where both the row and its floor have more than one seed; the gain over a
+    method's own start is paired per seed."""
     def finished(seed, name, miou):
         (tmp_path / f"s{seed}" / name).mkdir(parents=True)
         (tmp_path / f"s{seed}" / name / "metrics.json").write_text(json.dumps({"mIoU": miou}))
@@ -79,6 +80,9 @@ def test_quality_table_merges_every_finished_seed_from_disk(tmp_path):
     densecl_line = next(l for l in table.splitlines() if l.startswith("| densecl |"))
     assert moco_line.split(" | ")[1:5] == ["3", "11.00 ± 1.00", "10.00 / 12.00 / 11.00", "+2.1"]  # (11-8)/sqrt(1+1)
     assert densecl_line.split(" | ")[1:5] == ["1", "9.00 ± 0.00", "9.00", "-"]
+    # Against its own 0% snapshot (8.0 in every seed here), paired: gains 2, 4, 3, so z = 3 / 1.
+    assert rows["moco"]["gain"] == {"per_seed": [2, 4, 3], "mean": 3.0, "std": 1.0}
+    assert moco_line.split(" | ")[5] == "+3.00 ± 1.00 (+3.0)" and densecl_line.split(" | ")[5] == "+1.00 ± 0.00"
 
 
 def test_speed_reports_the_ratio_of_medians(tmp_path):
