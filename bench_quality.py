@@ -13,6 +13,7 @@ resume bit-exactly, so stopping for a probe changes nothing).
 
     python bench.py quality --tier cpu --seeds 0 1 2     # about an hour per seed on 2 cores (README: its parts)
     python bench.py quality --tier gpu --seeds 0 1 2     # 10x the budget, on a GPU
+    python bench.py quality --tier cpu-mono --seeds 0 1 2   # the CPU tier on scenes without colour
 
 Finished runs are kept and skipped; the table and quality.json are rebuilt from every finished run
 under --out (collect), so seeds can be added for some methods later: each row lists its seeds.
@@ -29,12 +30,18 @@ import numpy as np
 
 import common
 
-# The budget of each tier: scene side, batch, images per pre-training, probe scenes.
+# The budget of each tier: scene side, batch, images per pre-training, probe scenes, scene style.
 TIERS = {
-    "cpu": dict(size=64, batch=32, images=8192, epoch_len=1024, probe_train=1000, probe_val=200, workers=2, det_iters=300),
-    "gpu": dict(size=64, batch=128, images=81920, epoch_len=8192, probe_train=2000, probe_val=500, workers=8, det_iters=3000),
-    "toy": dict(size=32, batch=32, images=64, epoch_len=32, probe_train=16, probe_val=8, workers=0, det_iters=2),  # the test
+    "cpu": dict(size=64, batch=32, images=8192, epoch_len=1024, probe_train=1000, probe_val=200, workers=2, det_iters=300,
+                scenes="colour"),
+    "gpu": dict(size=64, batch=128, images=81920, epoch_len=8192, probe_train=2000, probe_val=500, workers=8, det_iters=3000,
+                scenes="colour"),
+    "toy": dict(size=32, batch=32, images=64, epoch_len=32, probe_train=16, probe_val=8, workers=0, det_iters=2,
+                scenes="colour"),  # the test
 }
+# The same budgets on the "mono" scenes (imagedata.synthetic_scene: no colour, so an instance
+# pretext has to use the shapes): --tier cpu-mono, gpu-mono, toy-mono.
+TIERS.update({f"{name}-mono": dict(t, scenes="mono") for name, t in list(TIERS.items())})
 FRACTIONS = (0.0, 0.25, 0.5, 1.0)  # where the learning curves are probed
 # The ViT trained from scratch fits the labels far more slowly than the ResNet: after the
 # pre-training budget (256 iterations at the CPU tier) its fine-tuning reached 20.45 mIoU (probed
@@ -87,8 +94,8 @@ def pretrain_command(method, seed, tier, out):
     vit = VIT.format(local=t["size"] // 2, warm=warm, warm_t=max(epochs // 10, 1))
     size = f"--global-size {t['size']}" if script == "adclr.py" else f"--image-size {t['size']}"
     return (f"{script} --arch {arch} {size} --batch-size {t['batch']} --epochs {epochs} --synthetic-len {t['epoch_len']} "
-            f"--seed {seed} --workers {t['workers']} --log-every 16 {flags.format(warm=warm, vit=vit, **lr)} "
-            f"--output-dir {out}").split()
+            f"--synthetic-style {t['scenes']} --seed {seed} --workers {t['workers']} --log-every 16 "
+            f"{flags.format(warm=warm, vit=vit, **lr)} --output-dir {out}").split()
 
 
 def ceiling_command(arch, seed, tier, out):
@@ -99,8 +106,8 @@ def ceiling_command(arch, seed, tier, out):
     vit = "--patch-size 8" if arch.startswith("vit") else "--output-stride 8"
     iters = t["images"] // t["batch"] * CEILING_X.get(arch, 1)
     return (f"eval_dense.py --init random --arch {arch} {vit} --task finetune --head linear --optimizer adamw --lr 1e-3 "
-            f"--weight-decay 1e-4 --scale-range 1 1 --synthetic-size {t['size']} --crop-size {t['size']} "
-            f"--batch-size {t['batch']} --iters {iters} --synthetic-train {t['images']} "
+            f"--weight-decay 1e-4 --scale-range 1 1 --synthetic-size {t['size']} --synthetic-style {t['scenes']} "
+            f"--crop-size {t['size']} --batch-size {t['batch']} --iters {iters} --synthetic-train {t['images']} "
             f"--synthetic-val {t['probe_val']} --seed {seed} --workers {t['workers']} --output-dir {out}").split()
 
 
@@ -109,8 +116,10 @@ def probe_args(init, arch, seed, tier, out):
     t = TIERS[tier]
     vit = ["--patch-size", "8"] if arch.startswith("vit") else ["--output-stride", "8"]  # C5, dilated: the seg. protocol
     return ["--init", str(init), "--arch", arch, *vit, "--task", "probe", "--probe-cache", "--probe-epochs",
-            "40" if tier != "toy" else "2", "--lr", "0.01", "--weight-decay", "1e-4", "--batch-size", str(min(128, t["probe_train"])),
-            "--synthetic-size", str(t["size"]), "--crop-size", str(t["size"]), "--synthetic-train", str(t["probe_train"]),
+            "2" if tier.startswith("toy") else "40", "--lr", "0.01", "--weight-decay", "1e-4",
+            "--batch-size", str(min(128, t["probe_train"])),
+            "--synthetic-size", str(t["size"]), "--synthetic-style", t["scenes"], "--crop-size", str(t["size"]),
+            "--synthetic-train", str(t["probe_train"]),
             "--synthetic-val", str(t["probe_val"]), "--seed", str(seed), "--workers", str(t["workers"]),
             "--output-dir", str(out)]
 
@@ -121,6 +130,7 @@ def detection_args(init, arch, seed, tier, out):
     image (a scene holds at most 6 objects; the COCO 1x's 1000 / 512 would only cost time)."""
     t = TIERS[tier]
     return ["--init", str(init), "--arch", arch, "--task", "instance", "--synthetic-size", str(t["size"]),
+            "--synthetic-style", t["scenes"],
             "--synthetic-train", str(t["probe_train"]), "--synthetic-val", str(t["probe_val"]), "--iters",
             str(t["det_iters"]), "--batch-size", "8", "--proposals", "100", "--rois-per-image", "128", "--seed", str(seed),
             "--workers", str(t["workers"]), "--pictures", "2", "--output-dir", str(out)]

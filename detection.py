@@ -67,8 +67,9 @@ class SyntheticInstances(Dataset):
     """The synthetic scenes as instances: each object's visible mask (occlusion applied), its box and
     class (1-8; 0 is background). Objects with fewer than `min_area` visible pixels are dropped."""
 
-    def __init__(self, length, size, seed, split, train, min_area=16):
+    def __init__(self, length, size, seed, split, train, min_area=16, style="colour"):
         self.length, self.size, self.seed, self.train, self.min_area = length, size, seed, train, min_area
+        self.style = style
         self.offset = 0 if split == "train" else imagedata.VAL_INDEX_OFFSET
 
     def __len__(self):
@@ -76,7 +77,8 @@ class SyntheticInstances(Dataset):
 
     def annotations(self, i):
         """(image, boxes (N, 4) xyxy, labels (N,), masks (N, H, W) uint8)."""
-        img, label, inst = imagedata.synthetic_scene(self.offset + i, self.seed, self.size, instances=True)
+        img, label, inst = imagedata.synthetic_scene(self.offset + i, self.seed, self.size, instances=True,
+                                                     style=self.style)
         boxes, labels, masks = [], [], []
         for k in np.unique(inst[inst > 0]):
             m = inst == k
@@ -170,8 +172,9 @@ def build_data(args, device):
         val = CocoInstances(args.data_root, "val", False, with_masks)
         names = [c["name"] for c in train.coco.loadCats(train.cat_ids)]
     elif args.data == "synthetic":
-        train = SyntheticInstances(args.synthetic_train, args.synthetic_size, args.seed, "train", True)
-        val = SyntheticInstances(args.synthetic_val, args.synthetic_size, args.seed, "val", False)
+        scenes = dict(size=args.synthetic_size, seed=args.seed, style=args.synthetic_style)
+        train = SyntheticInstances(args.synthetic_train, split="train", train=True, **scenes)
+        val = SyntheticInstances(args.synthetic_val, split="val", train=False, **scenes)
         names = list(imagedata.SYNTHETIC_CLASSES[1:])
     else:
         raise SystemExit(f"--task {args.task}: --data coco or synthetic (got {args.data}); VOC detection is not implemented")

@@ -91,6 +91,8 @@ def get_args(argv=None):
     p.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training scenes")
     p.add_argument("--synthetic-val", type=int, default=200, help="synthetic validation scenes")
     p.add_argument("--synthetic-size", type=int, default=224, help="side of a synthetic scene")
+    p.add_argument("--synthetic-style", default="colour", choices=imagedata.SCENE_STYLES,
+                   help="synthetic scenes in colour, or mono: grey background, dark and light grey objects")
     p.add_argument("--iters", type=int, default=None,
                    help="training iterations (default 2000; VOC protocol 20k, Cityscapes 40k; --data coco detection 90k)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (protocol: 16)")
@@ -428,7 +430,7 @@ def cached_probe(model, args, device, dtype, log):
         raise SystemExit("--probe-cache holds every training feature map in memory: it is for --data synthetic "
                          "in one process (use the plain probe, with --iters, for real datasets)")
     scenes = imagedata.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
-                                    transform=seg_data.val_transform, with_labels=True)
+                                    transform=seg_data.val_transform, with_labels=True, style=args.synthetic_style)
     feats, labels = [], []
     model.eval()
     with torch.no_grad(), common.autocast(device, dtype):

@@ -27,6 +27,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SHAPES = ("disc", "square", "triangle", "star", "ring", "cross", "crescent", "ell")
 SYNTHETIC_CLASSES = ("background",) + SHAPES
 VAL_INDEX_OFFSET = 1_000_000  # validation scenes use indices from here on: never a training index
+SCENE_STYLES = ("colour", "mono")  # synthetic_scene's style (--synthetic-style)
+MONO_GREYS = np.array([[40, 40, 40], [215, 215, 215]], np.float32)  # the objects' two colours in "mono" scenes
 
 
 def _shape_mask(cls, u, v):
@@ -74,25 +76,37 @@ def _texture(cls, u, v, size, rng):
     return (rng.random((iv.max() + 1, iu.max() + 1)) < 0.5)[iv, iu].astype(np.float32)
 
 
-def synthetic_scene(index, seed=0, size=224, instances=False):
+def synthetic_scene(index, seed=0, size=224, instances=False, style="colour"):
     """Scene `index` as (PIL RGB image, uint8 label map; 0 = background, k = SHAPES[k-1]), and with
     instances=True also the uint8 instance map (0 = none, k = the k-th object drawn, as occluded).
 
-    Deterministic in (seed, index). Each object's class shows in its shape and in its texture (a
-    class-specific pattern of its two colours, drawn in the object's own frame: TEXTURES). Both
+    Deterministic in (seed, index, style). Each object's class shows in its shape and in its texture
+    (a class-specific pattern of its two colours, drawn in the object's own frame: TEXTURES). Both
     colours are drawn independently of the class, so a pixel's colour does not tell the class; a
     network has to look at a neighbourhood. Later objects occlude earlier ones in image and label.
+
+    style "colour": a random colour grating for the background, random colours for the objects.
+    style "mono": no colour anywhere: a grey (128) background plus the same noise, every object dark
+    (40) and light (215) grey in a random order. A pixel's grey tells figure from ground but not the
+    class, and colour can no longer tell two scenes apart, so the instance pretexts have to use the
+    shapes (README, the miniature reproduction: the first scenes on which MoCo v2 rises in every seed).
     """
+    if style not in SCENE_STYLES:
+        raise ValueError(f"unknown synthetic scene style {style!r}: use one of {', '.join(SCENE_STYLES)}")
     rng = np.random.default_rng([seed, index])
     ax = np.arange(size, dtype=np.float32) / size
     # Background: a fine sinusoidal grating between two random colours (separable: sin(a+b)
     # expanded) plus blocky noise, so figure and ground differ locally too.
+    # In mono too, unused: both styles then draw the same numbers up to the first object's colours.
     c0, c1 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
     theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(12, 28), rng.uniform(0, 2 * np.pi)
-    a = 2 * np.pi * freq * np.cos(theta) * ax
-    b = 2 * np.pi * freq * np.sin(theta) * ax + phase
-    grating = 0.5 + 0.5 * (np.outer(np.cos(b), np.sin(a)) + np.outer(np.sin(b), np.cos(a)))
-    img = c0 + (c1 - c0) * grating[..., None]  # (H, W, 3)
+    if style == "mono":
+        img = np.full((size, size, 3), 128, np.float32)  # (H, W, 3)
+    else:
+        a = 2 * np.pi * freq * np.cos(theta) * ax
+        b = 2 * np.pi * freq * np.sin(theta) * ax + phase
+        grating = 0.5 + 0.5 * (np.outer(np.cos(b), np.sin(a)) + np.outer(np.sin(b), np.cos(a)))
+        img = c0 + (c1 - c0) * grating[..., None]  # (H, W, 3)
     block = max(size // 56, 1)  # 4 px at 224
     cells = size // block + 1
     noise = rng.normal(0, 20, (cells, cells, 1)).astype(np.float32)
@@ -103,7 +117,10 @@ def synthetic_scene(index, seed=0, size=224, instances=False):
         rad = rng.uniform(0.2, 0.4) * size
         cx, cy = rng.uniform(0, size, 2)
         ang = rng.uniform(0, 2 * np.pi)
-        colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)  # class-independent
+        if style == "mono":
+            colours = MONO_GREYS[rng.permutation(2)]  # class-independent
+        else:
+            colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)  # class-independent
         x0, x1 = int(max(cx - rad, 0)), int(min(cx + rad + 1, size))
         y0, y1 = int(max(cy - rad, 0)), int(min(cy + rad + 1, size))
         if x1 <= x0 or y1 <= y0:
@@ -123,8 +140,8 @@ def synthetic_scene(index, seed=0, size=224, instances=False):
 class SyntheticScenes(Dataset):
     """`length` synthetic scenes of one split; returns transform(image), or (image, label) pairs."""
 
-    def __init__(self, length, size=224, seed=0, split="train", transform=None, with_labels=False):
-        self.length, self.size, self.seed, self.transform = length, size, seed, transform
+    def __init__(self, length, size=224, seed=0, split="train", transform=None, with_labels=False, style="colour"):
+        self.length, self.size, self.seed, self.transform, self.style = length, size, seed, transform, style
         self.offset = 0 if split == "train" else VAL_INDEX_OFFSET
         self.with_labels = with_labels
 
@@ -132,7 +149,7 @@ class SyntheticScenes(Dataset):
         return self.length
 
     def __getitem__(self, i):
-        img, label = synthetic_scene(self.offset + i, self.seed, self.size)
+        img, label = synthetic_scene(self.offset + i, self.seed, self.size, style=self.style)
         if self.with_labels:
             return self.transform(img, label) if self.transform else (img, label)
         return self.transform(img) if self.transform else img
@@ -234,7 +251,7 @@ def build_pretrain_dataset(args, transform):
     """The pre-training dataset for --data (synthetic, coco, coco+, imagenet, or a folder path)."""
     if args.data == "synthetic":
         return SyntheticScenes(args.synthetic_len, args.synthetic_size or args.image_size * 8 // 7,
-                               seed=args.seed, transform=transform)
+                               seed=args.seed, transform=transform, style=args.synthetic_style)
     folders, expected = resolve_image_folders(args.data, args.data_root)
     files = [f for folder in folders for f in find_images(folder)]
     if not files:
@@ -251,6 +268,8 @@ def add_data_args(parser):
     parser.add_argument("--data-root", default=default_data_root(), help="root of the presets ($DATA_ROOT or ./data)")
     parser.add_argument("--synthetic-len", type=int, default=10000, help="images per epoch of --data synthetic")
     parser.add_argument("--synthetic-size", type=int, default=0, help="side of a synthetic scene (0: 8/7 of --image-size)")
+    parser.add_argument("--synthetic-style", default="colour", choices=SCENE_STYLES,
+                        help="synthetic scenes in colour, or mono: grey background, dark and light grey objects")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers per process")
     parser.add_argument("--gpu-augment", action="store_true",
                         help="the workers only decode; crops, colour, blur and flips run on the device (gpu_augment.py)")

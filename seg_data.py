@@ -191,9 +191,9 @@ def build_data(args, device):
     augment = TrainTransform(args.crop_size, args.scale_range, args.base_size, args.cat_max, args.photometric == "on")
     if args.data == "synthetic":
         train = imagedata.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
-                                       transform=augment, with_labels=True)
+                                       transform=augment, with_labels=True, style=args.synthetic_style)
         val = imagedata.SyntheticScenes(args.synthetic_val, args.synthetic_size, seed=args.seed, split="val",
-                                     transform=val_transform, with_labels=True)
+                                     transform=val_transform, with_labels=True, style=args.synthetic_style)
         num_classes, names = len(imagedata.SYNTHETIC_CLASSES), list(imagedata.SYNTHETIC_CLASSES)
     else:
         pairs, num_classes, lut = seg_pairs(args.data, args.data_root, "train")

@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import bench_quality
@@ -27,6 +28,31 @@ def test_quality_commands_parse_and_share_one_budget(tmp_path):
             ceiling = importlib.import_module("eval_dense").get_args(bench_quality.ceiling_command(arch, 1, tier, tmp_path)[1:])
             x = {"resnet18": 1, "vit_micro": 4}[arch]  # the ViT's ceiling gets 4x the images (bench_quality.CEILING_X)
             assert ceiling.iters * ceiling.batch_size == x * bench_quality.TIERS[tier]["images"]
+
+
+def test_mono_tiers_reach_every_dataset_the_runs_build(tmp_path):
+    """--tier cpu-mono: the pre-training, the ceiling, the probe and the detection all read the mono
+    scenes (grey: R = G = B); --tier cpu the colour ones."""
+    import eval_dense
+    import imagedata
+    import seg_data
+    grey = lambda img: np.abs(np.asarray(img, np.float32)[..., 0] - np.asarray(img, np.float32)[..., 1]).max() < 2  # R = G
+    for tier, style in (("cpu", "colour"), ("cpu-mono", "mono"), ("gpu-mono", "mono")):
+        for method in bench_quality.PRETRAIN:
+            cmd = bench_quality.pretrain_command(method, 1, tier, tmp_path / method)
+            args = importlib.import_module(cmd[0].removesuffix(".py")).get_args(cmd[1:])
+            assert args.synthetic_style == style
+        assert grey(imagedata.build_pretrain_dataset(args, None)[0]) == (style == "mono")
+        evals = [bench_quality.ceiling_command("resnet18", 1, tier, tmp_path)[1:],
+                 bench_quality.probe_args("random", "resnet18", 1, tier, tmp_path),
+                 bench_quality.detection_args("random", "resnet18", 1, tier, tmp_path)]
+        for argv in evals:
+            assert eval_dense.get_args(argv).synthetic_style == style
+        args = eval_dense.get_args(evals[1] + ["--workers", "0"])
+        train, val, *_ = seg_data.build_data(args, torch.device("cpu"))
+        pixels = lambda x, y: ((x.permute(1, 2, 0) * torch.tensor(imagedata.IMAGENET_STD)  # the scene's, not the padding's
+                                + torch.tensor(imagedata.IMAGENET_MEAN)) * 255)[y != seg_data.IGNORE]
+        assert grey(pixels(*train.dataset[(0, 0)])) == grey(pixels(*val.dataset[0])) == (style == "mono")
 
 
 def test_quality_pipeline_at_toy_size_reports_what_the_runs_measured(tmp_path):

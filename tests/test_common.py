@@ -108,6 +108,26 @@ def test_synthetic_colour_does_not_give_the_class_away():
     assert (pred == classes[half:]).mean() < 0.25
 
 
+def test_mono_scenes_are_grey_and_a_pixels_grey_does_not_give_the_class_away():
+    """--synthetic-style mono: no colour anywhere; every object pixel is one of the two greys, and each
+    class shows both in about equal shares, so a pixel's grey tells figure from ground only."""
+    dark, total, ground = np.zeros(9), np.zeros(9), []
+    for i in range(300):
+        img, label = imagedata.synthetic_scene(i, size=64, style="mono")
+        x = np.asarray(img).astype(np.float32)
+        assert (x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all()  # grey: R = G = B
+        grey, fg = x[..., 0], label > 0
+        assert set(np.unique(grey[fg])) <= {40.0, 215.0}
+        ground.append(grey[~fg].mean())
+        np.add.at(dark, label[fg], grey[fg] == 40)
+        np.add.at(total, label[fg], 1)
+    share = dark[1:] / total[1:]  # per class, the share of its pixels that are dark
+    assert (total[1:] > 0).all() and (np.abs(share - 0.5) < 0.15).all(), share
+    assert abs(np.mean(ground) - 128) < 3
+    with pytest.raises(ValueError, match="mono"):
+        imagedata.synthetic_scene(0, size=64, style="grey")
+
+
 def test_cosine_schedule_warmup_and_ends():
     s = common.cosine_schedule(1.0, 0.0, epochs=10, steps_per_epoch=10, warmup_epochs=2)
     assert len(s) == 100 and s[0] == 0.0 and s[10] == pytest.approx(0.5) and s[20] == pytest.approx(1.0)
