@@ -14,7 +14,7 @@ import imagedata
 
 
 def _args(data, root, **kw):
-    return argparse.Namespace(data=data, data_root=str(root), synthetic_len=4, synthetic_size=0,
+    return argparse.Namespace(data=data, data_root=str(root), synthetic_len=4, synthetic_size=0, synthetic_style="colour",
                               image_size=32, seed=0, **kw)
 
 
