@@ -64,7 +64,8 @@ def get_args(argv=None):
     g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
     g.add_argument("--out", default=".", help="folder for gpu_report.json and gpu_report.md")
     q = sub.add_parser("quality", help="the miniature reproduction (bench_quality.py): floor, ceiling, every method")
-    q.add_argument("--tier", default="cpu", choices=["cpu", "gpu", "toy", "cpu-mono", "gpu-mono", "toy-mono"],
+    import bench_quality  # its TIERS name the choices
+    q.add_argument("--tier", default="cpu", choices=list(bench_quality.TIERS),
                    help="budget (toy: the test's); -mono: the same on the colourless scenes (--synthetic-style mono)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--methods", nargs="+", default=None, help="a subset (default: all)")
