@@ -54,7 +54,7 @@ stochastic depth 0.1 in the student only; a weight-normalised last layer (--norm
 learns its norm, as DINO's 300-epoch ViT-S/16 run); bicubic crops; DINO's positional-embedding
 interpolation. Deviations: the losses and centers are computed in fp32 outside autocast (DINO
 computes them under fp16 autocast); bf16 autocast by default on CUDA; --gpu-augment (off by
-default) makes the views on the device (gpu_augment.MultiCropViews), bilinear instead of bicubic.
+default) makes the views on the device (MultiCropViews), bilinear instead of bicubic.
 """
 import argparse
 import copy
@@ -67,9 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-import backbones
 import common
-import imagedata
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -112,14 +110,14 @@ def get_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip, 0 = none (DINO: 3.0)")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen")
     p.add_argument("--output-dir", default="runs/adclr", help="checkpoint, log, args; a rerun resumes from here")
-    imagedata.add_data_args(p)
+    common.add_data_args(p)
     common.add_run_args(p, epochs=100, batch_size=1024)
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "out_dim", "patch_size", "global_size", "local_size", "student_temp",
                                          "teacher_temp"),
                       non_negative=("weight_decay", "weight_decay_end", "min_lr", "warmup_epochs", "num_queries",
                                     "local_crops", "clip_grad", "drop_path", "query_weight"))
-    args.image_size = args.global_size  # what imagedata.build_pretrain_dataset sizes synthetic scenes by
+    args.image_size = args.global_size  # what common.build_pretrain_dataset sizes synthetic scenes by
     args.query_size = args.query_size or args.patch_size
     common.split_batch(p, args)
     for name, size in (("--global-size", args.global_size), ("--local-size", args.local_size), ("--query-size", args.query_size)):
@@ -174,7 +172,7 @@ class DINONet(nn.Module):
 
     def __init__(self, args, drop_path=0.0):
         super().__init__()
-        self.vit = backbones.ViT(args.arch, args.patch_size, args.global_size, drop_path_rate=drop_path)
+        self.vit = common.ViT(args.arch, args.patch_size, args.global_size, drop_path_rate=drop_path)
         self.head = DINOHead(self.vit.embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer == "true")
         self.see_each_other, self.tokens_per_query = args.queries_see_each_other, args.query_tokens
 
@@ -269,17 +267,17 @@ class MultiCropWithQueries:
     """DINO multi-crop (2 global + n local views, bicubic) plus Q query crops of the original image."""
 
     def __init__(self, args):
-        self.global1, self.global2 = imagedata.byol_augmentations(args.global_size, scale=tuple(args.global_scale),
+        self.global1, self.global2 = common.byol_augmentations(args.global_size, scale=tuple(args.global_scale),
                                                                interpolation=BICUBIC)
         colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
-        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(imagedata.IMAGENET_MEAN, imagedata.IMAGENET_STD)]
+        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
         self.local = v2.Compose([
             v2.RandomResizedCrop(args.local_size, scale=tuple(args.local_scale), interpolation=BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(), *colour,
-            v2.RandomApply([v2.GaussianBlur(imagedata.blur_kernel(args.local_size), sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomApply([v2.GaussianBlur(common.blur_kernel(args.local_size), sigma=(0.1, 2.0))], p=0.5),
             *to_tensor,
         ])
-        query_colour = [*colour, v2.RandomApply([v2.GaussianBlur(imagedata.blur_kernel(args.query_size), sigma=(0.1, 2.0))],
+        query_colour = [*colour, v2.RandomApply([v2.GaussianBlur(common.blur_kernel(args.query_size), sigma=(0.1, 2.0))],
                                                 p=0.5)] if args.query_augment == "local" else []
         self.query = v2.Compose([
             v2.RandomResizedCrop(args.query_size, scale=tuple(args.query_scale), interpolation=BICUBIC, antialias=True),
@@ -292,15 +290,46 @@ class MultiCropWithQueries:
         return [self.global1(img), self.global2(img)], [self.local(img) for _ in range(self.n_local)], queries
 
 
+class MultiCropViews:
+    """MultiCropWithQueries on the device: 2 global views (BYOL's asymmetric colour), n local
+    views (jitter, grayscale, blur 0.5) and Q query crops (colour as the local views with
+    --query-augment local). Returns ([g1, g2], [locals], queries (B, Q, 3, q, q))."""
+
+    def __init__(self, args):
+        self.args = args
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        a = self.args
+        images, sizes = common.device_images(batch, device)
+        B = len(images)
+        g, _, _ = common.device_crops(images, sizes, 2, a.global_size, tuple(a.global_scale))
+        k = common.blur_kernel(a.global_size)
+        globals_ = [common.device_colour(g[:B], **common.BYOL_COLOUR, p_blur=1.0, p_solarize=0.0, kernel=k),
+                    common.device_colour(g[B:], **common.BYOL_COLOUR, p_blur=0.1, p_solarize=0.2, kernel=k)]
+        local = []
+        if a.local_crops:
+            x, _, _ = common.device_crops(images, sizes, a.local_crops, a.local_size, tuple(a.local_scale))
+            local = list(common.device_colour(x, **common.BYOL_COLOUR, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.local_size)).split(B))
+        queries = torch.zeros(0, device=device)
+        if a.num_queries:
+            q, _, _ = common.device_crops(images, sizes, a.num_queries, a.query_size, tuple(a.query_scale), flip_p=0.0)
+            if a.query_augment == "local":
+                q = common.device_colour(q, **common.BYOL_COLOUR, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.query_size))
+            else:
+                q = common.normalise(q)
+            queries = q.view(a.num_queries, B, *q.shape[1:]).transpose(0, 1)  # (B, Q, 3, q, q)
+        return globals_, local, queries
+
+
 def build_data(args, device):
     """Multi-crop views and query crops of every image. Returns the loader and, with --gpu-augment, the device-side
-    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    augmentation (common.py, section 7) its decoded batches go through."""
     if args.gpu_augment:
-        import gpu_augment
-        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
-                gpu_augment.MultiCropViews(args))
-    dataset = imagedata.build_pretrain_dataset(args, MultiCropWithQueries(args))
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                MultiCropViews(args))
+    dataset = common.build_pretrain_dataset(args, MultiCropWithQueries(args))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 

@@ -1,9 +1,29 @@
-"""Shared plumbing for the method files: distributed helpers, loaders, schedules, LARS, mixed
-precision, arguments, logging, checkpoints and resume. Images (synthetic scenes, --data presets,
-augmentations) are in imagedata.py, networks (ResNet trunk, FPN, ViT) in backbones.py.
+"""Shared plumbing of the method files: everything a method file calls that is not the method.
 
-Nothing here is a method: queues, momentum updates, matching and losses live in the method files,
-so that each one can be read on its own (and copied, with common.py, imagedata.py and backbones.py).
+`cp densecl.py common.py elsewhere/` is the whole method, every flag included. Nothing here is a
+method: queues, momentum updates, matching and losses live in the method files, so that each one
+reads on its own. What only the evaluation or the benchmarks use lives with them (evaluation/,
+benchmarks/), not here.
+
+Contents (one banner section each, in this order):
+ 1. Distributed (torchrun) helpers    init_distributed, is_main, print0, world_size, concat_all_gather,
+                                      sync_batchnorm
+ 2. Shuffle BN in one process         add_bn_splits_arg, check_bn_splits, SplitBatchNorm2d, split_batchnorm
+ 3. Backbones                         ResNetTrunk (C2-C5), FPN, ViT (Attention, Block, drop_path), VIT_ARCHS
+ 4. Synthetic scenes                  synthetic_scene, SyntheticScenes, SYNTHETIC_CLASSES
+ 5. Image folders (--data presets)    add_data_args, build_pretrain_dataset, ImageFiles, open_rgb,
+                                      find_images, DATA_LAYOUTS
+ 6. Augmentations on the CPU          moco_v2_augmentation, byol_augmentations, TwoViews, blur_kernel
+ 7. Augmentations on the device       DecodeOnly, pad_collate (workers); crop_params, resized_crops,
+    (--gpu-augment)                   device_crops, device_colour, MoCoV2Views (device)
+ 8. Loaders                           make_loader, ResumableSampler, SeededSamples
+ 9. Schedules, LARS, precision        cosine_schedule, momentum_schedule, LARS, lars_param_groups,
+                                      amp_dtype, autocast, fp32, seed_everything
+10. Arguments                         split_batch, add_run_args, check_args, check_image_size
+11. Logging, stop signals, divergence progress, JsonLog, mean_over_ranks, catch_stop_signals,
+                                      stop_requested, exit_on_signal, check_finite
+12. Output folder and checkpoints     prepare_output, save_checkpoint, resume, load_checkpoint,
+                                      save_downstream
 """
 import functools
 import json
@@ -14,8 +34,10 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,12 +45,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.ops import roi_align
+from torchvision.transforms import v2
 from tqdm import tqdm
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_RUN = {"stop": 0, "cpu_group": None, "saved": {}}  # signal received, the group to agree on it, last saved steps
 
 
 # =================================================================================================
-# Distributed (torchrun) helpers
+# 1. Distributed (torchrun) helpers
 # =================================================================================================
 def init_distributed():
     """Join the torchrun process group if RANK/WORLD_SIZE are set; return (rank, world, device)."""
@@ -78,6 +109,9 @@ def sync_batchnorm(model, enabled):
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if enabled and world_size() > 1 and torch.cuda.is_available() else model
 
 
+# =================================================================================================
+# 2. Shuffle BN in one process (MoCo v2, DenseCL, DeCon over DenseCL)
+# =================================================================================================
 def add_bn_splits_arg(parser):
     """--bn-splits, for the methods with shuffle BN (MoCo v2, DenseCL, DeCon over DenseCL)."""
     parser.add_argument("--bn-splits", type=int, default=8,
@@ -143,6 +177,711 @@ def split_batchnorm(module, splits):
     return module
 
 
+# =================================================================================================
+# 3. Backbones: ResNet trunk, FPN, ViT
+# =================================================================================================
+class ResNetTrunk(nn.Module):
+    """torchvision ResNet without avgpool/fc, keeping torchvision's parameter names.
+
+    forward returns C5 (B, C, H/32, W/32), or with pyramid=True the list [C2, C3, C4, C5] of
+    strides 4, 8, 16, 32.
+    """
+
+    def __init__(self, arch="resnet50", pyramid=False, conv_init="fan_out", zero_init_residual=False):
+        super().__init__()
+        if arch not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+            raise ValueError(f"--arch {arch}: expected resnet18, resnet34, resnet50 or resnet101")
+        # torchvision's init (kaiming normal, fan_out) is MoCo's and SlotCon's; OpenSelfSup's ResNet
+        # (DenseCL, MCL) uses fan_in. SlotCon also zeroes the last BN gamma of every residual block.
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        if conv_init == "fan_in":
+            for m in net.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif conv_init != "fan_out":
+            raise ValueError(f"conv_init {conv_init}: expected fan_out (torchvision) or fan_in (OpenSelfSup)")
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.pyramid, self.arch = pyramid, arch
+        self.channels = [m[-1].conv3.out_channels if hasattr(m[-1], "conv3") else m[-1].conv2.out_channels
+                         for m in (self.layer1, self.layer2, self.layer3, self.layer4)]
+        self.out_channels = self.channels[-1]
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5] if self.pyramid else c5
+
+
+class FPN(nn.Module):
+    """Feature pyramid over [C2..C5], sum fusion, BN, no top block (Lin et al. 2017).
+
+    lateral[i]: 1x1 conv + BN on C(i+2); output["pN"]: 3x3 conv + BN on the fused map of level N,
+    built only for `levels` (DeCon-SL keeps P2 only). The names map one to one onto detectron2's
+    fpn_lateral{i+2} / fpn_outputN (eval_dense.py --export). forward returns the maps of `levels`.
+    skip_dropout drops the lateral (skip) maps of C2-C4 before the top-down sum during training:
+    "channel" zeroes whole channels (Dropout2d), "map" drops a whole lateral map (DeCon).
+    """
+
+    def __init__(self, in_channels, out_channels=256, levels=("p2", "p3", "p4", "p5"), skip_dropout=0.0,
+                 skip_drop_mode="channel"):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+                                     for c in in_channels)
+        self.output = nn.ModuleDict({lv: nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                                                       nn.BatchNorm2d(out_channels)) for lv in levels})
+        self.levels, self.skip_dropout, self.skip_drop_mode = list(levels), skip_dropout, skip_drop_mode
+        self.config = {"type": "fpn", "in_channels": list(in_channels), "out_channels": out_channels, "levels": list(levels)}
+
+    def drop_skip(self, x):
+        """Skip-connection dropout (training only): whole channels (Dropout2d, rescaled), or "map":
+        one draw per level and forward that drops this lateral map for the whole batch, not rescaled
+        (DeCon's whole-map mode)."""
+        if not self.training or self.skip_dropout == 0:
+            return x
+        if self.skip_drop_mode == "channel":
+            return nn.functional.dropout2d(x, self.skip_dropout, training=True)
+        return torch.zeros_like(x) if random.random() < self.skip_dropout else x
+
+    def forward(self, feats):  # [C2..C5] -> [P_level for level in levels], each (B, out, H_i, W_i)
+        top = self.lateral[-1](feats[-1])
+        fused = {f"p{len(feats) + 1}": top}
+        for i in range(len(feats) - 2, -1, -1):
+            lat = self.drop_skip(self.lateral[i](feats[i]))
+            top = lat + nn.functional.interpolate(top, size=lat.shape[-2:], mode="nearest")
+            fused[f"p{i + 2}"] = top
+        return [self.output[lv](fused[lv]) for lv in self.levels]
+
+
+VIT_ARCHS = {  # name: (embed dim, depth, heads)
+    "vit_micro": (96, 4, 3),  # for CPU tests and demos
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on scaled_dot_product_attention; mask: (L, L) bool, True = may attend."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+        x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, L, d)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth (Huang et al. 2016): zero a residual branch for whole samples with
+    probability p and rescale the kept ones by 1/(1-p); identity in eval mode or at p = 0."""
+    if p == 0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)  # (B, 1, 1)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); drop_path on both branches."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim)
+        self.drop_path = drop_path
+
+    def forward(self, x, mask=None):
+        x = x + drop_path(self.attn(self.norm1(x), mask), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al. 2021) with a CLS token and learned positional embeddings.
+
+    Parameter names follow timm/DINO (patch_embed.proj, cls_token, pos_embed, blocks.i.norm1,
+    blocks.i.attn.qkv, blocks.i.attn.proj, blocks.i.norm2, blocks.i.mlp.fc1/fc2, norm), so DINO and
+    timm ViT state dicts load with strict=True. forward(x, extra, mask): `extra` (B, Q, D) tokens are
+    appended after the patches *without* positional embedding; `mask` (L, L) bool restricts
+    attention. Returns all normalised tokens (B, 1 + N + Q, D). Other image sizes interpolate the
+    positional embedding as DINO does. drop_path_rate: stochastic depth rising linearly over the
+    blocks from 0 (DINO's student: 0.1).
+    """
+
+    def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path_rate=0.0):
+        super().__init__()
+        if arch not in VIT_ARCHS:
+            raise ValueError(f"--arch {arch}: expected one of {', '.join(VIT_ARCHS)}")
+        dim, depth, heads = VIT_ARCHS[arch]
+        self.arch, self.patch_size, self.embed_dim = arch, patch_size, dim
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, dim))
+        rates = np.linspace(0, drop_path_rate, depth).tolist()  # DINO's per-block rates
+        self.blocks = nn.ModuleList(Block(dim, heads, drop_path=r) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def embed(self, x):
+        """Patch embedding without position: (B, 3, H, W) -> (B, H/p · W/p, D)."""
+        return self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+
+    def pos_for(self, h, w):
+        """Positional embedding (1, 1 + h·w, D) for an h x w patch grid, as DINO's
+        interpolate_pos_encoding: bicubic with scale factor (h + 0.1) / side (the 0.1 keeps the
+        floor of the output size at h), so local crops get exactly DINO's embeddings."""
+        n = self.pos_embed.shape[1] - 1
+        if h * w == n and h == w:
+            return self.pos_embed
+        side = int(math.sqrt(n))
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+        grid = nn.functional.interpolate(grid, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
+                                         align_corners=False)  # (1, D, h, w)
+        assert grid.shape[-2:] == (h, w), grid.shape
+        return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+
+    def forward(self, x, extra=None, mask=None):
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.embed(x)], 1) + self.pos_for(h, w)
+        if extra is not None:
+            tokens = torch.cat([tokens, extra], 1)  # no positional embedding: position-free queries
+        for blk in self.blocks:
+            tokens = blk(tokens, mask)
+        return self.norm(tokens)
+
+
+# =================================================================================================
+# 4. Synthetic scenes: procedurally generated images with per-pixel labels
+# =================================================================================================
+SHAPES = ("disc", "square", "triangle", "star", "ring", "cross", "crescent", "ell")
+SYNTHETIC_CLASSES = ("background",) + SHAPES
+VAL_INDEX_OFFSET = 1_000_000  # validation scenes use indices from here on: never a training index
+SCENE_STYLES = ("colour", "mono")  # synthetic_scene's style (--synthetic-style)
+MONO_GREYS = np.array([[40, 40, 40], [215, 215, 215]], np.float32)  # the objects' two colours in "mono" scenes
+
+
+def _shape_mask(cls, u, v):
+    """Boolean mask of shape class `cls` on object-centred, rotated, radius-1 coordinates."""
+    r, phi = np.hypot(u, v), np.arctan2(v, u)
+    if cls == 0:  # disc
+        return r <= 1.0
+    if cls == 1:  # square
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.75
+    if cls == 2:  # equilateral triangle: a regular polygon in polar form
+        a = np.mod(phi, 2 * np.pi / 3) - np.pi / 3
+        return r * np.cos(a) <= 0.5
+    if cls == 3:  # five-pointed star
+        t = np.mod(phi * 5 / (2 * np.pi), 1.0)
+        return r <= 0.42 + 0.58 * np.abs(1 - 2 * t) ** 1.5
+    if cls == 4:  # ring
+        return (r <= 1.0) & (r >= 0.6)
+    if cls == 5:  # cross
+        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
+    if cls == 6:  # crescent
+        return (r <= 1.0) & (np.hypot(u - 0.5, v) > 0.8)
+    return ((u >= -0.8) & (u <= -0.25) & (np.abs(v) <= 0.85)) | (  # ell
+        (u >= -0.8) & (u <= 0.8) & (v >= 0.3) & (v <= 0.85))
+
+
+TEXTURES = ("solid", "stripes", "broad stripes", "checks", "dots", "rings", "fine stripes", "speckle")  # per class
+
+
+def _texture(cls, u, v, size, rng):
+    """Class `cls`'s texture in [0, 1] (0: the object's first colour, 1: its second) at pixel offsets
+    u, v along the object's own (rotated) axes; periods are fractions of the scene side."""
+    if cls == 0:
+        return np.zeros_like(u)
+    if cls in (1, 2, 6):  # stripes across the object's u axis: medium, broad, fine
+        return (np.mod(u / (size / {1: 10, 2: 5, 6: 16}[cls]), 1.0) < 0.5).astype(np.float32)
+    if cls == 3:
+        return ((np.floor(u / (size / 8)) + np.floor(v / (size / 8))) % 2).astype(np.float32)
+    if cls == 4:
+        du, dv = np.mod(u / (size / 8), 1.0) - 0.5, np.mod(v / (size / 8), 1.0) - 0.5
+        return (np.hypot(du, dv) < 0.25).astype(np.float32)
+    if cls == 5:
+        return (np.mod(np.hypot(u, v) / (size / 10), 1.0) < 0.5).astype(np.float32)
+    cell = max(size / 32, 1.0)  # speckle: random cells
+    iu, iv = ((u - u.min()) // cell).astype(int), ((v - v.min()) // cell).astype(int)
+    return (rng.random((iv.max() + 1, iu.max() + 1)) < 0.5)[iv, iu].astype(np.float32)
+
+
+def synthetic_scene(index, seed=0, size=224, instances=False, style="colour"):
+    """Scene `index` as (PIL RGB image, uint8 label map; 0 = background, k = SHAPES[k-1]), and with
+    instances=True also the uint8 instance map (0 = none, k = the k-th object drawn, as occluded).
+
+    Deterministic in (seed, index, style). Each object's class shows in its shape and in its texture
+    (a class-specific pattern of its two colours, drawn in the object's own frame: TEXTURES). Both
+    colours are drawn independently of the class, so a pixel's colour does not tell the class; a
+    network has to look at a neighbourhood. Later objects occlude earlier ones in image and label.
+
+    style "colour": a random colour grating for the background, random colours for the objects.
+    style "mono": no colour anywhere: a grey (128) background plus the same noise, every object dark
+    (40) and light (215) grey in a random order. A pixel's grey tells figure from ground but not the
+    class, and colour can no longer tell two scenes apart, so the instance pretexts have to use the
+    shapes (README, the miniature reproduction: the first scenes on which MoCo v2 rises in every seed).
+    """
+    if style not in SCENE_STYLES:
+        raise ValueError(f"unknown synthetic scene style {style!r}: use one of {', '.join(SCENE_STYLES)}")
+    rng = np.random.default_rng([seed, index])
+    ax = np.arange(size, dtype=np.float32) / size
+    # Background: a fine sinusoidal grating between two random colours (separable: sin(a+b)
+    # expanded) plus blocky noise, so figure and ground differ locally too.
+    # In mono too, unused: both styles then draw the same numbers up to the first object's colours.
+    c0, c1 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(12, 28), rng.uniform(0, 2 * np.pi)
+    if style == "mono":
+        img = np.full((size, size, 3), 128, np.float32)  # (H, W, 3)
+    else:
+        a = 2 * np.pi * freq * np.cos(theta) * ax
+        b = 2 * np.pi * freq * np.sin(theta) * ax + phase
+        grating = 0.5 + 0.5 * (np.outer(np.cos(b), np.sin(a)) + np.outer(np.sin(b), np.cos(a)))
+        img = c0 + (c1 - c0) * grating[..., None]  # (H, W, 3)
+    block = max(size // 56, 1)  # 4 px at 224
+    cells = size // block + 1
+    noise = rng.normal(0, 20, (cells, cells, 1)).astype(np.float32)
+    img += noise.repeat(block, 0).repeat(block, 1)[:size, :size]
+    label, instance = np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8)
+    for k in range(1, rng.integers(3, 7) + 1):  # 3-6 objects: about 45% of the pixels are foreground
+        cls = int(rng.integers(len(SHAPES)))
+        rad = rng.uniform(0.2, 0.4) * size
+        cx, cy = rng.uniform(0, size, 2)
+        ang = rng.uniform(0, 2 * np.pi)
+        if style == "mono":
+            colours = MONO_GREYS[rng.permutation(2)]  # class-independent
+        else:
+            colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)  # class-independent
+        x0, x1 = int(max(cx - rad, 0)), int(min(cx + rad + 1, size))
+        y0, y1 = int(max(cy - rad, 0)), int(min(cy + rad + 1, size))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        py, px = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dx, dy = px - cx, py - cy
+        u, v = dx * np.cos(ang) + dy * np.sin(ang), -dx * np.sin(ang) + dy * np.cos(ang)  # pixels, object frame
+        mask = _shape_mask(cls, u / rad, v / rad)
+        texture = _texture(cls, u, v, size, rng)[..., None]
+        img[y0:y1, x0:x1][mask] = (colours[0] + (colours[1] - colours[0]) * texture)[mask]
+        label[y0:y1, x0:x1][mask] = cls + 1
+        instance[y0:y1, x0:x1][mask] = k
+    image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return (image, label, instance) if instances else (image, label)
+
+
+class SyntheticScenes(Dataset):
+    """`length` synthetic scenes of one split; returns transform(image), or (image, label) pairs."""
+
+    def __init__(self, length, size=224, seed=0, split="train", transform=None, with_labels=False, style="colour"):
+        self.length, self.size, self.seed, self.transform, self.style = length, size, seed, transform, style
+        self.offset = 0 if split == "train" else VAL_INDEX_OFFSET
+        self.with_labels = with_labels
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        img, label = synthetic_scene(self.offset + i, self.seed, self.size, style=self.style)
+        if self.with_labels:
+            return self.transform(img, label) if self.transform else (img, label)
+        return self.transform(img) if self.transform else img
+
+
+# =================================================================================================
+# 5. Image folders: the --data presets
+# =================================================================================================
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DATA_LAYOUTS = {
+    "coco": ["coco/train2017"],
+    "coco+": ["coco/train2017", "coco/unlabeled2017"],
+    "imagenet": ["imagenet/train"],
+}
+LAYOUT_HELP = {
+    "coco": "<data-root>/coco/train2017/*.jpg",
+    "coco+": "<data-root>/coco/train2017/*.jpg and <data-root>/coco/unlabeled2017/*.jpg",
+    "imagenet": "<data-root>/imagenet/train/<class>/*.JPEG",
+}
+
+
+def default_data_root():
+    """--data-root default: $DATA_ROOT, else ./data."""
+    return os.environ.get("DATA_ROOT", "./data")
+
+
+def find_images(folder):
+    """Sorted list of image files below `folder` (recursive, by extension)."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def resolve_image_folders(data, data_root):
+    """The list of image folders a --data value points at, with a clear error when one is missing."""
+    if data in DATA_LAYOUTS:
+        folders = [Path(data_root) / sub for sub in DATA_LAYOUTS[data]]
+        expected = LAYOUT_HELP[data]
+    else:
+        folders, expected = [Path(data)], f"{data}/**/*.jpg (any folder of images, searched recursively)"
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"--data {data}: folder {folder} does not exist. Expected layout: {expected}. "
+                f"Set --data-root (or $DATA_ROOT) to the folder that holds it, or use --data synthetic.")
+    return folders, expected
+
+
+def open_rgb(path, exif=True):
+    """An image file as 8-bit RGB: EXIF orientation applied (photos from cameras and phones), and
+    16-bit or float images scaled to 8 bit rather than clipped (convert("RGB") would turn a 16-bit
+    PNG white)."""
+    with Image.open(path) as f:
+        img = ImageOps.exif_transpose(f) if exif else f.copy()
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255) else (
+            1.0 if img.mode == "F" and a.max() <= 1 else 255.0)
+        img = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def _remove_folder_of(folder, pid):
+    if os.getpid() == pid:  # the process that made it, not a forked loader worker exiting
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class ImageFiles(Dataset):
+    """Images from a list of files; an unreadable image is skipped for the next, with one warning per
+    file for the whole run (loader workers share a folder of markers made with O_EXCL)."""
+
+    def __init__(self, files, transform=None):
+        self.files, self.transform = files, transform
+        self.warned = tempfile.mkdtemp(prefix="dense-ssl-unreadable-")
+        weakref.finalize(self, _remove_folder_of, self.warned, os.getpid())  # not left behind in /tmp
+
+    def __len__(self):
+        return len(self.files)
+
+    def warn_once(self, path, error):
+        marker = os.path.join(self.warned, str(abs(hash(path))))
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # only the first process to see the file warns
+        except FileExistsError:
+            return
+        warnings.warn(f"skipping unreadable image {path}: {type(error).__name__}: {error}")
+
+    def __getitem__(self, i):
+        for attempt in range(len(self.files)):
+            path = self.files[(i + attempt) % len(self.files)]
+            try:
+                img = open_rgb(path)
+                break
+            except Exception as e:  # corrupt, truncated or unreadable: never stop the run for one file
+                self.warn_once(path, e)
+        else:
+            raise RuntimeError("no readable image in the dataset")
+        return self.transform(img) if self.transform else img
+
+
+def build_pretrain_dataset(args, transform):
+    """The pre-training dataset for --data (synthetic, coco, coco+, imagenet, or a folder path)."""
+    if args.data == "synthetic":
+        return SyntheticScenes(args.synthetic_len, args.synthetic_size or args.image_size * 8 // 7,
+                               seed=args.seed, transform=transform, style=args.synthetic_style)
+    folders, expected = resolve_image_folders(args.data, args.data_root)
+    files = [f for folder in folders for f in find_images(folder)]
+    if not files:
+        raise FileNotFoundError(
+            f"--data {args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
+            f"{', '.join(map(str, folders))}. Expected layout: {expected}.")
+    return ImageFiles(files, transform)
+
+
+def add_data_args(parser):
+    """The --data/--data-root/--synthetic-* flags every method file shares."""
+    parser.add_argument("--data", default="synthetic",
+                        help="synthetic (built in, no download) | coco | coco+ | imagenet | a folder of images")
+    parser.add_argument("--data-root", default=default_data_root(), help="root of the presets ($DATA_ROOT or ./data)")
+    parser.add_argument("--synthetic-len", type=int, default=10000, help="images per epoch of --data synthetic")
+    parser.add_argument("--synthetic-size", type=int, default=0, help="side of a synthetic scene (0: 8/7 of --image-size)")
+    parser.add_argument("--synthetic-style", default="colour", choices=SCENE_STYLES,
+                        help="synthetic scenes in colour, or mono: grey background, dark and light grey objects")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers per process")
+    parser.add_argument("--gpu-augment", action="store_true",
+                        help="the workers only decode; crops, colour, blur and flips run on the device (common.py, section 7)")
+    parser.add_argument("--max-side", type=int, default=512, help="--gpu-augment: images shrunk to this long side first")
+
+
+# =================================================================================================
+# 6. Augmentations on the CPU (torchvision.transforms.v2), in the data workers
+# =================================================================================================
+def _to_tensor_normalised():
+    """PIL image -> float tensor in [0, 1] -> ImageNet normalisation."""
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def blur_kernel(size, sigma_max=2.0):
+    """Odd Gaussian kernel side: 10% of the crop as BYOL/SimCLR (23 px at 224), but never fewer taps
+    than +-3 sigma_max (13 at sigma 2), so that small crops are not blurred with a truncated kernel
+    (the official MoCo/DINO/MCL pipelines use PIL's blur, which has no kernel size)."""
+    return max(2 * math.ceil(3 * sigma_max) + 1, int(0.1 * size) // 2 * 2 + 1)
+
+
+def moco_v2_augmentation(size=224):
+    """MoCo v2 "aug-plus": crop (0.2, 1), colour jitter 0.8, grayscale 0.2, blur 0.5, flip."""
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomHorizontalFlip(),
+        *_to_tensor_normalised(),
+    ])
+
+
+def byol_augmentations(size=224, scale=(0.08, 1.0), crop=True, interpolation=v2.InterpolationMode.BILINEAR):
+    """The BYOL asymmetric pair: (blur 1.0, solarize 0) and (blur 0.1, solarize 0.2). DINO crops
+    bicubic (interpolation=BICUBIC); MCL/BYOL with torchvision's default, bilinear."""
+    def branch(blur_p, solarize_p):
+        head = [v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True),
+                v2.RandomHorizontalFlip()] if crop else []
+        return v2.Compose(head + [
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_p),
+            v2.RandomSolarize(128, p=solarize_p),
+            *_to_tensor_normalised(),
+        ])
+    return branch(1.0, 0.0), branch(0.1, 0.2)
+
+
+class TwoViews:
+    """Two independently augmented views of one image: [t1(img), t2(img)]."""
+
+    def __init__(self, t1, t2=None):
+        self.t1, self.t2 = t1, t2 or t1
+
+    def __call__(self, img):
+        return [self.t1(img), self.t2(img)]
+
+
+# =================================================================================================
+# 7. Augmentations on the device (--gpu-augment): the workers only decode
+# =================================================================================================
+# Why: a ResNet-50 step on an H100 consumes more images per second than 16 CPU cores can decode *and*
+# augment (docs/performance.md: about 36 images/s of MoCo v2's two views per core). Decoding alone
+# is the cheaper part; --gpu-augment moves the rest to the accelerator:
+#
+#     workers:  DecodeOnly      PIL image -> uint8 (3, h, w), long side capped at --max-side
+#     collate:  pad_collate     -> uint8 (B, 3, H, W) padded, sizes (B, 2)
+#     device:   MoCoV2Views     -> two views, as moco_v2_augmentation (moco, densecl, decon_densecl);
+#               decon.py, mcl.py and adclr.py build their own views from the parts below,
+#               next to their CPU pipelines
+#
+# The same distribution as the PIL/v2 pipeline, computed differently (tests/test_gpu_augment.py
+# checks both): RandomResizedCrop parameters are drawn exactly as torchvision's get_params (10 tries,
+# then the centre-crop fallback), vectorised; the crop and resize is one roi_align with an adaptive
+# sampling grid (a box filter where PIL's bilinear uses a triangle when shrinking: equal within
+# interpolation tolerance); colour jitter applies brightness, contrast, saturation and hue in a
+# random order per sample, with torchvision's tensor formulas (PIL works in uint8, rounding after
+# each step); grayscale with torchvision's weights; Gaussian blur with a per-sample sigma, the same
+# kernel size (blur_kernel) and reflect padding. Random numbers come from the device's default
+# generator, whose state the checkpoints save, so a resumed run sees the same views. Deviations:
+# images larger than --max-side (default 512) are shrunk by the workers first, so that a batch pads
+# to a bounded size; crops are resized bilinearly, also where the CPU pipelines use bicubic
+# (SlotCon/DeCon and DINO/ADCLR crops): roi_align has no bicubic mode.
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+class DecodeOnly:
+    """PIL image -> uint8 tensor (3, h, w); the long side shrunk to max_side if larger."""
+
+    def __init__(self, max_side=512):
+        self.max_side = max_side
+
+    def __call__(self, img):
+        if max(img.size) > self.max_side:
+            s = self.max_side / max(img.size)
+            img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def pad_collate(batch):
+    """uint8 images of different sizes -> (B, 3, H, W) zero-padded, and their (h, w) as (B, 2)."""
+    H, W = max(x.shape[1] for x in batch), max(x.shape[2] for x in batch)
+    out = torch.zeros(len(batch), 3, H, W, dtype=torch.uint8)
+    for i, x in enumerate(batch):
+        out[i, :, :x.shape[1], :x.shape[2]] = x
+    return out, torch.tensor([x.shape[1:] for x in batch])
+
+
+def crop_params(sizes, scale, ratio=(3 / 4, 4 / 3), tries=10):
+    """torchvision's RandomResizedCrop.get_params for every image at once.
+
+    sizes: (N, 2) float (h, w). Returns (N, 4) boxes (x0, y0, x1, y1) in pixels: the first of
+    `tries` draws (area fraction ~ U(scale), log aspect ~ U(log ratio)) that fits, with integer
+    sides and offsets; else the centre crop clamped to `ratio`."""
+    N, device = len(sizes), sizes.device
+    h, w = sizes[:, 0:1], sizes[:, 1:2]  # (N, 1)
+    area = h * w * torch.empty(N, tries, device=device).uniform_(*scale)  # (N, tries)
+    aspect = torch.exp(torch.empty(N, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    cw, ch = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # (N, tries)
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(fits.any(1), fits.int().argmax(1), -1)  # (N,) index of the first fitting try
+    # the fallback: the whole image, narrowed to the ratio range, centred
+    in_ratio = w / h
+    fw = torch.where(in_ratio > ratio[1], torch.round(h * ratio[1]), w)
+    fh = torch.where(in_ratio < ratio[0], torch.round(w / ratio[0]), h)
+    ok = first >= 0
+    idx = first.clamp(min=0)[:, None]
+    cw = torch.where(ok[:, None], cw.gather(1, idx), fw)[:, 0]  # (N,)
+    ch = torch.where(ok[:, None], ch.gather(1, idx), fh)[:, 0]
+    u = torch.rand(N, 2, device=device)  # offsets ~ randint(0, side - crop + 1)
+    y0 = torch.where(ok, torch.floor(u[:, 0] * (h[:, 0] - ch + 1)), torch.div(h[:, 0] - ch, 2, rounding_mode="floor"))
+    x0 = torch.where(ok, torch.floor(u[:, 1] * (w[:, 0] - cw + 1)), torch.div(w[:, 0] - cw, 2, rounding_mode="floor"))
+    return torch.stack([x0, y0, x0 + cw, y0 + ch], 1)  # (N, 4)
+
+
+def resized_crops(images, boxes, size):
+    """images (B, 3, H, W) float, boxes (N, 4) of image n % B... -> (N, 3, size, size). One roi_align:
+    bilinear at the bin centres (aligned=True, as resize with align_corners=False), with
+    ceil(crop / size) x ceil(crop / size) samples per output pixel when shrinking."""
+    idx = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None] % len(images)
+    return roi_align(images, torch.cat([idx, boxes], 1), (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def gray(x):
+    """(N, 3, H, W) -> (N, 1, H, W) luma with torchvision's weights."""
+    return (x * x.new_tensor(GRAY)[:, None, None]).sum(1, keepdim=True)
+
+
+def rgb_to_hsv(x):
+    """(N, 3, H, W) RGB in [0, 1] -> HSV, hue in [0, 1), as torchvision's tensor formula."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    v, delta = maxc, maxc - minc
+    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, v], 1)
+
+
+def hsv_to_rgb(x):
+    """The inverse of rgb_to_hsv."""
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0)
+    return table.gather(0, i[None, :, None].expand(1, -1, 3, *i.shape[1:]))[0]  # (N, 3, H, W)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue):
+    """Per-sample ColorJitter on (N, 3, H, W) in [0, 1]: factors (N,) for each op (1 / 0 = identity)
+    applied in a random order per sample, as torchvision draws a permutation per call."""
+    N = len(x)
+    order = torch.argsort(torch.rand(N, 4, device=x.device), 1)  # (N, 4): a permutation per sample
+    f = lambda v: v[:, None, None, None]
+    ops = (lambda y: y * f(brightness),
+           lambda y: f(contrast) * y + (1 - f(contrast)) * gray(y).mean((1, 2, 3), keepdim=True),
+           lambda y: f(saturation) * y + (1 - f(saturation)) * gray(y),
+           lambda y: shift_hue(y, f(hue)))
+    for position in range(4):  # every op on the whole batch, kept where it is this sample's: no host sync
+        for k, op in enumerate(ops):
+            x = torch.where(f(order[:, position] == k), op(x).clamp(0, 1), x)
+    return x
+
+
+def shift_hue(x, shift):
+    """Hue rotated by `shift` (N, 1, 1, 1) of a turn."""
+    hsv = rgb_to_hsv(x)
+    return hsv_to_rgb(torch.cat([(hsv[:, :1] + shift) % 1.0, hsv[:, 1:]], 1))
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Per-sample Gaussian blur of (N, 3, H, W), sigma (N,): separable, reflect padding."""
+    N, C, H, W = x.shape
+    r = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - (kernel_size - 1) / 2
+    k = torch.exp(-0.5 * (r[None] / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (N·C, k)
+    y = F.pad(x.reshape(1, N * C, H, W), [kernel_size // 2] * 4, mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=N * C)  # horizontal
+    y = F.conv2d(y, k[:, None, :, None], groups=N * C)  # vertical
+    return y.reshape(N, C, H, W)
+
+
+def device_colour(x, strength, p_jitter, p_gray, p_blur, p_solarize, kernel):
+    """The colour half of the MoCo v2 / BYOL pipelines on (N, 3, S, S) in [0, 1], each part drawn
+    per sample: ColorJitter(*strength) with p_jitter, grayscale p_gray, blur sigma U(0.1, 2) with
+    p_blur, solarize (threshold 128 / 255) with p_solarize; then ImageNet normalisation."""
+    N, device = len(x), x.device
+    draw = lambda p: (torch.rand(N, device=device) < p)[:, None, None, None]
+    u = lambda lo, hi: torch.empty(N, device=device).uniform_(lo, hi)
+    b, c, s, h = strength
+    on = torch.rand(N, device=device) < p_jitter
+    one, zero = torch.ones(N, device=device), torch.zeros(N, device=device)
+    x = color_jitter(x, torch.where(on, u(1 - b, 1 + b), one), torch.where(on, u(1 - c, 1 + c), one),
+                     torch.where(on, u(1 - s, 1 + s), one), torch.where(on, u(-h, h), zero))
+    x = torch.where(draw(p_gray), gray(x).expand_as(x), x)
+    if p_blur > 0:
+        x = torch.where(draw(p_blur), gaussian_blur(x, u(0.1, 2.0), kernel), x)
+    if p_solarize > 0:
+        x = torch.where(draw(p_solarize) & (x >= 128 / 255), 1 - x, x)
+    return normalise(x)
+
+
+def normalise(x):
+    """ImageNet mean/std normalisation of (N, 3, H, W) in [0, 1]."""
+    return (x - x.new_tensor(IMAGENET_MEAN)[:, None, None]) / x.new_tensor(IMAGENET_STD)[:, None, None]
+
+
+def device_crops(images, sizes, n, size, scale, flip_p=0.5):
+    """n crops of every image: (n·B, 3, size, size) in [0, 1] (crop k of image b at k·B + b), their
+    boxes (n·B, 4) in [0, 1] image units and flips (n·B,)."""
+    boxes = crop_params(sizes.float().repeat(n, 1), scale)  # (n·B, 4) pixels
+    x = resized_crops(images, boxes, size)
+    flips = torch.rand(len(boxes), device=boxes.device) < flip_p
+    x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    return x, boxes / sizes.float().flip(1).repeat(n, 2), flips
+
+
+def device_images(batch, device):
+    """A pad_collate batch on the device: images (B, 3, H, W) as floats in [0, 1], sizes (B, 2)."""
+    images, sizes = batch
+    return images.to(device, non_blocking=True).float().div_(255), sizes.to(device)  # (B, 3, H, W) in [0, 1]
+
+
+MOCO_COLOUR = dict(strength=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2)
+BYOL_COLOUR = dict(strength=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2)
+
+
+class MoCoV2Views:
+    """moco_v2_augmentation on the device: two views of every image of a decoded batch.
+    Crop (0.2, 1), colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur 0.5, flip 0.5."""
+
+    def __init__(self, size, scale=(0.2, 1.0)):
+        self.size, self.scale, self.kernel = size, scale, blur_kernel(size)
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        images, sizes = device_images(batch, device)
+        x, _, _ = device_crops(images, sizes, 2, self.size, self.scale)  # (2B, 3, S, S): view 1, then view 2
+        x = device_colour(x, **MOCO_COLOUR, p_blur=0.5, p_solarize=0.0, kernel=self.kernel)
+        return list(x.split(len(images)))  # [view 1 (B, 3, S, S), view 2]
+
+
+# =================================================================================================
+# 8. Loaders: resumable, every sample's randomness seeded
+# =================================================================================================
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way (after `skip` of this rank's samples) and
     yields (epoch, index) pairs, so that SeededSamples can make each sample's randomness depend on
@@ -184,14 +923,6 @@ class SeededSamples(Dataset):
             torch.set_rng_state(states[2])
 
 
-def split_batch(parser, args):
-    """Set args.world_size (from torchrun) and args.batch_per_rank; --batch-size is the global batch."""
-    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % args.world_size:
-        parser.error(f"--batch-size {args.batch_size} must be divisible by the {args.world_size} processes")
-    args.batch_per_rank = args.batch_size // args.world_size
-
-
 def make_loader(dataset, batch_size, workers, seed, device, collate_fn=None):
     """Training DataLoader: per-rank batches, shuffled by epoch, last partial batch dropped; every
     sample's augmentation seeded from (seed, rank, epoch, index) (SeededSamples). The loader draws
@@ -209,7 +940,7 @@ def make_loader(dataset, batch_size, workers, seed, device, collate_fn=None):
 
 
 # =================================================================================================
-# Schedules, optimiser, precision, seeding
+# 9. Schedules, LARS, mixed precision, seeding
 # =================================================================================================
 def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0, per_step=True):
     """Per-step values: linear warm-up, then cosine from `base` to `final` (per step or per epoch)."""
@@ -304,6 +1035,17 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+# =================================================================================================
+# 10. Arguments shared by every method file
+# =================================================================================================
+def split_batch(parser, args):
+    """Set args.world_size (from torchrun) and args.batch_per_rank; --batch-size is the global batch."""
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % args.world_size:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by the {args.world_size} processes")
+    args.batch_per_rank = args.batch_size // args.world_size
+
+
 def add_run_args(parser, epochs, batch_size, epochs_help=None):
     """Flags shared by every training loop: schedule length, batch, precision, logging, output."""
     parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help or f"training epochs (paper: {epochs})")
@@ -345,11 +1087,8 @@ def check_image_size(parser, args, dense):
 
 
 # =================================================================================================
-# Logging, checkpoints, downstream weights
+# 11. Logging, stop signals, divergence
 # =================================================================================================
-_RUN = {"stop": 0, "cpu_group": None, "saved": {}}  # signal received, the group to agree on it, last saved steps
-
-
 def progress(loader, epoch, epochs):
     """tqdm bar over one epoch, shown on rank 0 only."""
     return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not is_main(), dynamic_ncols=True,
@@ -396,16 +1135,6 @@ def mean_over_ranks(x):
         dist.all_reduce(x)
         x /= world_size()
     return x
-
-
-def prepare_output(args, script):
-    """Create --output-dir and save a copy of the script (rank 0). args.json is written once the
-    run has started or resumed (resume), so that a refused resume leaves the stored one intact."""
-    out = Path(args.output_dir)
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(script, out / Path(script).name)
-    return out
 
 
 def catch_stop_signals():
@@ -462,6 +1191,19 @@ def check_finite(losses, modules, step, path, extra=()):
         if dist.is_initialized():
             dist.destroy_process_group()
         raise SystemExit(3)
+
+
+# =================================================================================================
+# 12. Output folder, checkpoints, resume, downstream weights
+# =================================================================================================
+def prepare_output(args, script):
+    """Create --output-dir and save a copy of the script (rank 0). args.json is written once the
+    run has started or resumed (resume), so that a refused resume leaves the stored one intact."""
+    out = Path(args.output_dir)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(script, out / Path(script).name)
+    return out
 
 
 def save_atomic(obj, path):

@@ -52,7 +52,7 @@ Deviations from the official code:
   guard: it would compute a loss over an empty set). With SyncBN the predictor then still runs, on
   whatever rows the rank has, so that every rank joins its collectives.
 - The losses run in fp32 outside autocast (SlotCon computes them under fp16 autocast).
-- --gpu-augment (off by default): the views on the device (gpu_augment.OverlappingViews), the same
+- --gpu-augment (off by default): the views on the device (OverlappingViews), the same
   distribution with bilinear instead of bicubic crops.
 """
 import argparse
@@ -67,9 +67,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-import backbones
 import common
-import imagedata
 
 
 # =================================================================================================
@@ -102,7 +100,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-5, help="(SlotCon: 1e-5)")
     p.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up from lr/100 (SlotCon: 5)")
     p.add_argument("--output-dir", default="runs/decon", help="checkpoint, log, args; a rerun resumes from here")
-    imagedata.add_data_args(p)
+    common.add_data_args(p)
     common.add_run_args(p, epochs=800, batch_size=512)
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "dim_hidden", "dim_out", "num_prototypes", "decoder_num_prototypes",
@@ -177,13 +175,13 @@ class Network(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        self.encoder = backbones.ResNetTrunk(args.arch, pyramid=args.decoder == "fpn", zero_init_residual=True)  # SlotCon's
+        self.encoder = common.ResNetTrunk(args.arch, pyramid=args.decoder == "fpn", zero_init_residual=True)  # SlotCon's
         c5 = self.encoder.out_channels
         self.decoder, dec_channels = None, []
         if args.decoder == "fpn":
             levels = ["p2", "p3", "p4", "p5"] if args.deep_supervision else ["p2"]  # DeCon-ML or DeCon-SL
             p = args.skip_channel_dropout or args.skip_dropout
-            self.decoder = backbones.FPN(self.encoder.channels, 256, levels, p, "channel" if args.skip_channel_dropout else "map")
+            self.decoder = common.FPN(self.encoder.channels, 256, levels, p, "channel" if args.skip_channel_dropout else "map")
             for m in self.decoder.modules():  # detectron2's c2_xavier_fill, as DeCon's detectron2-style FPN
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_uniform_(m.weight, a=1)
@@ -206,7 +204,7 @@ class Network(nn.Module):
         feats = self.encoder(x)
         c5 = feats[-1] if isinstance(feats, list) else feats
         outputs = [c5] if self.with_encoder_head else []
-        if isinstance(self.decoder, backbones.FPN):
+        if isinstance(self.decoder, common.FPN):
             outputs += self.decoder(feats)
         elif self.decoder is not None:
             outputs.append(self.decoder(c5))
@@ -376,7 +374,7 @@ class TwoCropsWithOverlap:
 
     def __init__(self, size, min_scale):
         self.size, self.scale = size, (min_scale, 1.0)
-        self.colour1, self.colour2 = imagedata.byol_augmentations(size, crop=False)
+        self.colour1, self.colour2 = common.byol_augmentations(size, crop=False)
 
     def __call__(self, img):
         v1, b1, f1 = crop_with_box(img, self.size, self.scale)
@@ -390,15 +388,44 @@ class TwoCropsWithOverlap:
         return [self.colour1(v1), self.colour2(v2)], overlap_boxes(b1, f1, b2, f2), torch.tensor([f1, f2])
 
 
+class OverlappingViews:
+    """TwoCropsWithOverlap on the device: two crops whose overlap covers at least 1% of the
+    second (the first of 10 candidates; else the first crop twice), BYOL's asymmetric colour
+    (blur 1.0 / 0.1, solarize 0 / 0.2). Returns ([v1, v2], overlap boxes (B, 2, 4), flips (B, 2))
+    as the CPU pipeline."""
+
+    def __init__(self, size, min_scale):
+        self.size, self.scale, self.kernel = size, (min_scale, 1.0), common.blur_kernel(size)
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        images, sizes = common.device_images(batch, device)
+        B = len(images)
+        b1 = common.crop_params(sizes.float(), self.scale) / sizes.float().flip(1).repeat(1, 2)  # (B, 4) in [0, 1]
+        cand = (common.crop_params(sizes.float().repeat(10, 1), self.scale) / sizes.float().flip(1).repeat(10, 2)).view(10, B, 4)
+        inter = (torch.minimum(b1[..., 2:], cand[..., 2:]) - torch.maximum(b1[..., :2], cand[..., :2])).clamp(min=0).prod(-1)
+        ok = inter >= 0.01 * (cand[..., 2:] - cand[..., :2]).prod(-1)  # (10, B)
+        first = ok.int().argmax(0)  # the first overlapping candidate (0 if none)
+        b2 = torch.where(ok.any(0)[:, None], cand[first, torch.arange(B, device=device)], b1)  # (B, 4)
+        f1 = torch.rand(B, device=device) < 0.5
+        f2 = torch.where(ok.any(0), torch.rand(B, device=device) < 0.5, f1)
+        wh = sizes.float().flip(1).repeat(1, 2)
+        x = common.resized_crops(images, torch.cat([b1, b2]) * torch.cat([wh, wh]), self.size)  # (2B, 3, S, S)
+        flips = torch.cat([f1, f2])
+        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        v1 = common.device_colour(x[:B], **common.BYOL_COLOUR, p_blur=1.0, p_solarize=0.0, kernel=self.kernel)
+        v2 = common.device_colour(x[B:], **common.BYOL_COLOUR, p_blur=0.1, p_solarize=0.2, kernel=self.kernel)
+        return [v1, v2], overlap_boxes(b1, f1, b2, f2), torch.stack([f1, f2], 1)
+
+
 def build_data(args, device):
     """SlotCon's views: overlapping crops with their overlap boxes and flips. Returns the loader and, with --gpu-augment, the device-side
-    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    augmentation (common.py, section 7) its decoded batches go through."""
     if args.gpu_augment:
-        import gpu_augment
-        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
-                gpu_augment.OverlappingViews(args.image_size, args.min_scale, overlap_boxes))
-    dataset = imagedata.build_pretrain_dataset(args, TwoCropsWithOverlap(args.image_size, args.min_scale))
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                OverlappingViews(args.image_size, args.min_scale))
+    dataset = common.build_pretrain_dataset(args, TwoCropsWithOverlap(args.image_size, args.min_scale))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 

@@ -46,9 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import backbones
 import common
-import imagedata
 
 
 # =================================================================================================
@@ -75,7 +73,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="SGD lr (default: 0.03 x N/256; 0.3 x N/256 on COCO)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(DenseCL: 1e-4)")
     p.add_argument("--output-dir", default="runs/decon-densecl", help="checkpoint, log, args; a rerun resumes from here")
-    imagedata.add_data_args(p)
+    common.add_data_args(p)
     common.add_run_args(p, epochs=None, batch_size=256, epochs_help="training epochs (default: 800 on COCO, 200 otherwise)")
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "fcn_channels", "bn_splits"),
@@ -137,13 +135,13 @@ class Network(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        self.encoder = backbones.ResNetTrunk(args.arch, pyramid=args.decoder == "fpn", conv_init="fan_in")
+        self.encoder = common.ResNetTrunk(args.arch, pyramid=args.decoder == "fpn", conv_init="fan_in")
         c5 = self.encoder.out_channels
         self.decoder, dec_channels = None, []
         if args.decoder == "fpn":
             levels = ["p2", "p3", "p4", "p5"] if args.deep_supervision else ["p2"]  # DeCon-ML or DeCon-SL
             p = args.skip_channel_dropout or args.skip_dropout
-            self.decoder = backbones.FPN(self.encoder.channels, 256, levels, p, "channel" if args.skip_channel_dropout else "map")
+            self.decoder = common.FPN(self.encoder.channels, 256, levels, p, "channel" if args.skip_channel_dropout else "map")
             for m in self.decoder.modules():  # detectron2's c2_xavier_fill, as decon.py
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_uniform_(m.weight, a=1)
@@ -166,7 +164,7 @@ class Network(nn.Module):
         feats = self.encoder(x)
         c5 = feats[-1] if isinstance(feats, list) else feats
         outputs = [c5] if self.with_encoder_head else []
-        if isinstance(self.decoder, backbones.FPN):
+        if isinstance(self.decoder, common.FPN):
             outputs += self.decoder(feats)
         elif self.decoder is not None:
             outputs.append(self.decoder(c5))
@@ -287,13 +285,12 @@ def decon_losses(out_q, out_k, global_queue, dense_queues, weights, args):
 # =================================================================================================
 def build_data(args, device):
     """Two independent MoCo v2 "aug-plus" views of every image, as DenseCL. Returns the loader and, with --gpu-augment, the device-side
-    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    augmentation (common.py, section 7) its decoded batches go through."""
     if args.gpu_augment:
-        import gpu_augment
-        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
-                gpu_augment.MoCoV2Views(args.image_size))
-    dataset = imagedata.build_pretrain_dataset(args, imagedata.TwoViews(imagedata.moco_v2_augmentation(args.image_size)))
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                common.MoCoV2Views(args.image_size))
+    dataset = common.build_pretrain_dataset(args, common.TwoViews(common.moco_v2_augmentation(args.image_size)))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 

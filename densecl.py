@@ -52,7 +52,7 @@ Deviations from the official code:
 - --data coco / coco+ select the COCO recipe (lr 0.3 x N/256, 800 epochs) unless --lr / --epochs
   are given; every other --data uses the ImageNet recipe (lr 0.03 x N/256, 200 epochs).
 - --gpu-augment (off by default): the same augmentation distribution computed on the device
-  (gpu_augment.py), not the same pixels: roi_align's box filter where PIL shrinks with a triangle,
+  (common.py, section 7), not the same pixels: roi_align's box filter where PIL shrinks with a triangle,
   float colour ops where PIL rounds to uint8 after each, images above --max-side shrunk first.
 """
 import argparse
@@ -64,9 +64,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import backbones
 import common
-import imagedata
 
 
 # =================================================================================================
@@ -88,7 +86,7 @@ def get_args(argv=None):
     p.add_argument("--sgd-momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
     p.add_argument("--output-dir", default="runs/densecl", help="checkpoint, log, args; a rerun resumes from here")
-    imagedata.add_data_args(p)
+    common.add_data_args(p)
     common.add_run_args(p, epochs=None, batch_size=256, epochs_help="training epochs (default: 800 on COCO, 200 otherwise)")
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "bn_splits"),
@@ -119,7 +117,7 @@ class Encoder(nn.Module):
 
     def __init__(self, arch, dim):
         super().__init__()
-        self.backbone = backbones.ResNetTrunk(arch, conv_init="fan_in")  # OpenSelfSup's ResNet init, as DenseCL
+        self.backbone = common.ResNetTrunk(arch, conv_init="fan_in")  # OpenSelfSup's ResNet init, as DenseCL
         c = self.backbone.out_channels
         self.head = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, dim))
         self.dense_head = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True), nn.Conv2d(c, dim, 1))
@@ -260,14 +258,13 @@ def dense_loss(q_grid, k_grid, match, queue, temperature):
 # =================================================================================================
 def build_data(args, device):
     """Two independent MoCo v2 "aug-plus" views of every image (DenseCL uses MoCo v2's pipeline). Returns the loader and, with --gpu-augment, the device-side
-    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    augmentation (common.py, section 7) its decoded batches go through."""
     if args.gpu_augment:
-        import gpu_augment
-        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
-                gpu_augment.MoCoV2Views(args.image_size))
-    augment = imagedata.moco_v2_augmentation(args.image_size)
-    dataset = imagedata.build_pretrain_dataset(args, imagedata.TwoViews(augment))
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                common.MoCoV2Views(args.image_size))
+    augment = common.moco_v2_augmentation(args.image_size)
+    dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 

@@ -57,11 +57,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import backbones
 import common
-import imagedata
-import seg_data
-import weights
+from evaluation import seg_data, weights
 
 
 # =================================================================================================
@@ -86,12 +83,12 @@ def get_args(argv=None):
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32], help="dilated ResNet (protocol: 8)")
     p.add_argument("--data", default="synthetic", choices=["synthetic", "voc", "cityscapes", "ade20k", "coco"],
                    help="coco: detection / instance only")
-    p.add_argument("--data-root", default=imagedata.default_data_root())
+    p.add_argument("--data-root", default=common.default_data_root())
     p.add_argument("--crop-size", type=int, default=224, help="training crop (VOC protocol 512, Cityscapes 769)")
     p.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training scenes")
     p.add_argument("--synthetic-val", type=int, default=200, help="synthetic validation scenes")
     p.add_argument("--synthetic-size", type=int, default=224, help="side of a synthetic scene")
-    p.add_argument("--synthetic-style", default="colour", choices=imagedata.SCENE_STYLES,
+    p.add_argument("--synthetic-style", default="colour", choices=common.SCENE_STYLES,
                    help="synthetic scenes in colour, or mono: grey background, dark and light grey objects")
     p.add_argument("--iters", type=int, default=None,
                    help="training iterations (default 2000; VOC protocol 20k, Cityscapes 40k; --data coco detection 90k)")
@@ -249,7 +246,7 @@ class Segmenter(nn.Module):
         if self.vit:  # ADCLR/DINO: the patch tokens, or a simple feature pyramid built from them
             if self.head_type == "fcn":
                 raise ValueError(f"--arch {arch}: ViT backbones take --head linear or fpn (a simple feature pyramid)")
-            self.backbone = backbones.ViT(arch, patch_size, img_size)
+            self.backbone = common.ViT(arch, patch_size, img_size)
             dim = self.backbone.embed_dim
             if self.head_type == "fpn":
                 self.decoder = SimplePyramid(dim, 256)
@@ -257,7 +254,7 @@ class Segmenter(nn.Module):
             else:
                 self.head = nn.Sequential(nn.BatchNorm2d(dim, affine=False), nn.Conv2d(dim, num_classes, 1))
             return
-        self.backbone = dilate(backbones.ResNetTrunk(arch, pyramid=True), output_stride if head != "fpn" or task == "probe" else 32)
+        self.backbone = dilate(common.ResNetTrunk(arch, pyramid=True), output_stride if head != "fpn" or task == "probe" else 32)
         c = self.backbone.channels
         if self.head_type == "linear":
             width = c[3] if probe_layers == "c5" else sum(c[1:])
@@ -267,7 +264,7 @@ class Segmenter(nn.Module):
             self.head = FCNHead(c[3], width, num_classes)
             self.aux = FCNHead(c[2], width // 2, num_classes, num_convs=1, concat=False) if aux else None
         else:
-            self.decoder = backbones.FPN(c, 256, fpn_levels)  # P2 feeds the head; a pre-trained decoder may bring more
+            self.decoder = common.FPN(c, 256, fpn_levels)  # P2 feeds the head; a pre-trained decoder may bring more
             self.head = nn.Sequential(conv_bn_relu(256, 256), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
 
     def features(self, x):
@@ -324,7 +321,7 @@ def palette(n):
     rng = np.random.default_rng(3)
     colours = np.zeros((256, 3), np.uint8)
     colours[:n] = rng.integers(40, 256, (n, 3))
-    colours[0] = (0, 0, 0) if n == len(imagedata.SYNTHETIC_CLASSES) else colours[0]
+    colours[0] = (0, 0, 0) if n == len(common.SYNTHETIC_CLASSES) else colours[0]
     colours[seg_data.IGNORE] = 255
     return colours
 
@@ -346,7 +343,7 @@ def save_pictures(rows, num_classes, path):
     colours = palette(num_classes)
     tiles = []
     for x, y, pred, feat in rows:
-        img = x * torch.tensor(imagedata.IMAGENET_STD)[:, None, None] + torch.tensor(imagedata.IMAGENET_MEAN)[:, None, None]
+        img = x * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
         img = Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))
         tiles.append([img, Image.fromarray(colours[y.numpy().astype(np.uint8)]),
                       Image.fromarray(colours[pred.numpy().astype(np.uint8)]), pca_rgb(feat, img.size)])
@@ -429,7 +426,7 @@ def cached_probe(model, args, device, dtype, log):
     if args.data != "synthetic" or common.world_size() > 1:
         raise SystemExit("--probe-cache holds every training feature map in memory: it is for --data synthetic "
                          "in one process (use the plain probe, with --iters, for real datasets)")
-    scenes = imagedata.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
+    scenes = common.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
                                     transform=seg_data.val_transform, with_labels=True, style=args.synthetic_style)
     feats, labels = [], []
     model.eval()
@@ -484,7 +481,7 @@ def main(argv=None):
     if args.export:
         return weights.export(args)
     if args.task in ("detect", "instance"):  # detection.py: R-CNN, COCO AP
-        import detection
+        from evaluation import detection
         return detection.run(args)
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)

@@ -57,7 +57,7 @@ Deviations from the official code:
 - --tile-resize antialias shrinks tiles with antialiased bilinear instead of nearest.
 - SyncBN under DDP on CUDA only; bf16 autocast by default on CUDA (the official uses fp16 with apex;
   --amp fp16); the losses are computed in fp32 outside autocast.
-- --gpu-augment (off by default): the eight crops on the device (gpu_augment.EightCropViews), the
+- --gpu-augment (off by default): the eight crops on the device (EightCropViews), the
   same distribution, not the same pixels.
 """
 import argparse
@@ -70,9 +70,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import backbones
 import common
-import imagedata
 
 RATIOS = (1, 2, 4, 8)  # level l shrinks its crop by RATIOS[l]
 FPN_MAP = {1: 3, 2: 2, 4: 1, 8: 0}  # ratio -> index in [P2, P3, P4, P5]: the map whose stride fits the tile
@@ -100,7 +98,7 @@ def get_args(argv=None):
                    help="how tiles are shrunk: F.interpolate's nearest (official) or antialiased bilinear")
     p.add_argument("--save-montage", default=None, help="write a PNG of one montage per ratio for the first batch, then exit")
     p.add_argument("--output-dir", default="runs/mcl", help="checkpoint, log, args; a rerun resumes from here")
-    imagedata.add_data_args(p)
+    common.add_data_args(p)
     common.add_run_args(p, epochs=100, batch_size=4096)
     args = p.parse_args(argv)
     common.check_args(p, args, positive=("lr", "temperature"),
@@ -152,8 +150,8 @@ class Online(nn.Module):
 
     def __init__(self, arch, head_windows="all"):
         super().__init__()
-        self.encoder = backbones.ResNetTrunk(arch, pyramid=True, conv_init="fan_in")  # OpenSelfSup's ResNet init
-        self.fpn = backbones.FPN(self.encoder.channels, 256)
+        self.encoder = common.ResNetTrunk(arch, pyramid=True, conv_init="fan_in")  # OpenSelfSup's ResNet init
+        self.fpn = common.FPN(self.encoder.channels, 256)
         for m in self.fpn.modules():  # the official FPN's init_weights: xavier uniform
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
@@ -327,21 +325,37 @@ class EightCrops:
     """Four crops per branch, BYOL's asymmetric pipelines (crop scale 0.2-1, bilinear as torchvision)."""
 
     def __init__(self, size):
-        self.t1, self.t2 = imagedata.byol_augmentations(size, scale=(0.2, 1.0))
+        self.t1, self.t2 = common.byol_augmentations(size, scale=(0.2, 1.0))
 
     def __call__(self, img):
         return [self.t1(img) for _ in range(4)] + [self.t2(img) for _ in range(4)]
 
 
+class EightCropViews:
+    """EightCrops on the device: four crops per branch (scale 0.2-1), BYOL's asymmetric colour.
+    Returns 8 batches (B, 3, S, S): branch 1's four, then branch 2's."""
+
+    def __init__(self, size):
+        self.size, self.kernel = size, common.blur_kernel(size)
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        images, sizes = common.device_images(batch, device)
+        B = len(images)
+        x, _, _ = common.device_crops(images, sizes, 8, self.size, (0.2, 1.0))  # (8B, 3, S, S)
+        x = torch.cat([common.device_colour(x[:4 * B], **common.BYOL_COLOUR, p_blur=1.0, p_solarize=0.0, kernel=self.kernel),
+                       common.device_colour(x[4 * B:], **common.BYOL_COLOUR, p_blur=0.1, p_solarize=0.2, kernel=self.kernel)])
+        return list(x.split(B))
+
+
 def build_data(args, device):
     """Eight crops of every image, four per branch. Returns the loader and, with --gpu-augment, the device-side
-    augmentation (gpu_augment.py, next to this file) its decoded batches go through."""
+    augmentation (common.py, section 7) its decoded batches go through."""
     if args.gpu_augment:
-        import gpu_augment
-        dataset = imagedata.build_pretrain_dataset(args, gpu_augment.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, gpu_augment.pad_collate),
-                gpu_augment.EightCropViews(args.image_size))
-    dataset = imagedata.build_pretrain_dataset(args, EightCrops(args.image_size))
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                EightCropViews(args.image_size))
+    dataset = common.build_pretrain_dataset(args, EightCrops(args.image_size))
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
@@ -353,7 +367,7 @@ def save_montage_png(views, args, path):
     for r, count in plan:
         firsts.append(canvases[start])
         start += count
-    x = torch.cat(firsts, 2) * torch.tensor(imagedata.IMAGENET_STD)[:, None, None] + torch.tensor(imagedata.IMAGENET_MEAN)[:, None, None]
+    x = torch.cat(firsts, 2) * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
     Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(path)
 
 

@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import adclr
-import backbones
 import common
-import imagedata
 from conftest import assert_ranks_equal, python, rank_dump_script, torchrun
 from torchvision.transforms import v2
 
@@ -19,7 +17,7 @@ TINY_ADCLR = ["--arch", "vit_micro", "--global-size", "32", "--local-size", "16"
 
 def _vit_and_queries(seed=0):
     torch.manual_seed(seed)
-    vit = backbones.ViT("vit_micro", 16, 64).eval()
+    vit = common.ViT("vit_micro", 16, 64).eval()
     x = torch.randn(2, 3, 64, 64)
     queries = torch.randn(2, 5, 96)  # (B, Q, D) query tokens
     return vit, x, queries, adclr.query_mask(1 + 16, 5, 1, False, x.device)
@@ -85,7 +83,7 @@ def test_center_update():
 
 
 def test_vit_parameter_names_follow_timm():
-    names = set(backbones.ViT("vit_micro").state_dict())
+    names = set(common.ViT("vit_micro").state_dict())
     for n in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
               "blocks.0.attn.proj.bias", "blocks.3.mlp.fc1.weight", "blocks.3.mlp.fc2.bias", "norm.weight"):
         assert n in names, n
@@ -168,7 +166,7 @@ def test_stochastic_depth_in_the_student_only():
 
 def test_positional_embedding_interpolation_is_dinos():
     torch.manual_seed(0)
-    vit = backbones.ViT("vit_micro", 16, 224)  # 14 x 14 table
+    vit = common.ViT("vit_micro", 16, 224)  # 14 x 14 table
     for h, w in ((6, 6), (4, 7)):
         grid = vit.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
         ref = F.interpolate(grid, scale_factor=((h + 0.1) / 14, (w + 0.1) / 14), mode="bicubic")  # DINO's formula
@@ -182,7 +180,7 @@ def test_dino_crops_are_bicubic_and_blur_covers_three_sigma():
     t = adclr.MultiCropWithQueries(args)
     crops = [m for m in t.global1.transforms + t.local.transforms if isinstance(m, v2.RandomResizedCrop)]
     assert len(crops) == 2 and all(c.interpolation == v2.InterpolationMode.BICUBIC for c in crops)
-    assert imagedata.blur_kernel(64) >= 13 and imagedata.blur_kernel(224) == 23
+    assert common.blur_kernel(64) >= 13 and common.blur_kernel(224) == 23
 
 
 def test_query_options_of_the_authors_code():

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import bench_quality
+from benchmarks import quality as bench_quality
 import common
 from conftest import python
 
@@ -34,15 +34,14 @@ def test_mono_tiers_reach_every_dataset_the_runs_build(tmp_path):
     """--tier cpu-mono: the pre-training, the ceiling, the probe and the detection all read the mono
     scenes (grey: R = G = B); --tier cpu the colour ones."""
     import eval_dense
-    import imagedata
-    import seg_data
+    from evaluation import seg_data
     grey = lambda img: np.abs(np.asarray(img, np.float32)[..., 0] - np.asarray(img, np.float32)[..., 1]).max() < 2  # R = G
     for tier, style in (("cpu", "colour"), ("cpu-mono", "mono"), ("gpu-mono", "mono")):
         for method in bench_quality.PRETRAIN:
             cmd = bench_quality.pretrain_command(method, 1, tier, tmp_path / method)
             args = importlib.import_module(cmd[0].removesuffix(".py")).get_args(cmd[1:])
             assert args.synthetic_style == style
-        assert grey(imagedata.build_pretrain_dataset(args, None)[0]) == (style == "mono")
+        assert grey(common.build_pretrain_dataset(args, None)[0]) == (style == "mono")
         evals = [bench_quality.ceiling_command("resnet18", 1, tier, tmp_path)[1:],
                  bench_quality.probe_args("random", "resnet18", 1, tier, tmp_path),
                  bench_quality.detection_args("random", "resnet18", 1, tier, tmp_path)]
@@ -50,15 +49,15 @@ def test_mono_tiers_reach_every_dataset_the_runs_build(tmp_path):
             assert eval_dense.get_args(argv).synthetic_style == style
         args = eval_dense.get_args(evals[1] + ["--workers", "0"])
         train, val, *_ = seg_data.build_data(args, torch.device("cpu"))
-        pixels = lambda x, y: ((x.permute(1, 2, 0) * torch.tensor(imagedata.IMAGENET_STD)  # the scene's, not the padding's
-                                + torch.tensor(imagedata.IMAGENET_MEAN)) * 255)[y != seg_data.IGNORE]
+        pixels = lambda x, y: ((x.permute(1, 2, 0) * torch.tensor(common.IMAGENET_STD)  # the scene's, not the padding's
+                                + torch.tensor(common.IMAGENET_MEAN)) * 255)[y != seg_data.IGNORE]
         assert grey(pixels(*train.dataset[(0, 0)])) == grey(pixels(*val.dataset[0])) == (style == "mono")
 
 
 def test_quality_pipeline_at_toy_size_reports_what_the_runs_measured(tmp_path):
     """The whole pipeline (floor, ceiling, one method with its learning curve, the probes, the table)
     at a toy size; every number of quality.json and of the table is a probe's metrics.json."""
-    python("bench.py", "quality", "--tier", "toy", "--seeds", "0", "--methods", "moco", "--detection", "--out", tmp_path)
+    python("benchmarks/bench.py", "quality", "--tier", "toy", "--seeds", "0", "--methods", "moco", "--detection", "--out", tmp_path)
     root = tmp_path / "toy"
     report = json.loads((root / "quality.json").read_text())
     measured = lambda d: json.loads((root / "s0" / d / "metrics.json").read_text())["mIoU"]
@@ -112,7 +111,7 @@ def test_quality_table_merges_every_finished_seed_from_disk(tmp_path):
 
 
 def test_speed_reports_the_ratio_of_medians(tmp_path):
-    out = python("bench.py", "speed", "--one", "--methods", "moco", "--arch", "resnet18", "--image-size", "32",
+    out = python("benchmarks/bench.py", "speed", "--one", "--methods", "moco", "--arch", "resnet18", "--image-size", "32",
                  "--batch-size", "4", "--steps", "2", "--warmup", "1")
     r = json.loads(out.strip().splitlines()[-1])
     assert r["method"] == "moco" and r["device"].startswith("CPU") and r["step_s"] > 0 and r["floor_s"] > 0
@@ -124,7 +123,7 @@ def test_speed_reports_the_ratio_of_medians(tmp_path):
 def test_gpu_command_runs_every_section_on_cpu_at_tiny_shapes(tmp_path):
     # `bench.py gpu` is run in short GPU windows: this keeps it from rotting between them.
     (tmp_path / "tmp").mkdir()
-    python("bench.py", "gpu", "--device", "cpu", "--tiny", "--out", tmp_path, env={"TMPDIR": str(tmp_path / "tmp")})
+    python("benchmarks/bench.py", "gpu", "--device", "cpu", "--tiny", "--out", tmp_path, env={"TMPDIR": str(tmp_path / "tmp")})
     assert list((tmp_path / "tmp").iterdir()) == []  # the loader section's JPEG files are removed
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert (tmp_path / "gpu_report.md").read_text().startswith("# GPU report: CPU")
@@ -139,7 +138,7 @@ def test_gpu_command_runs_every_section_on_cpu_at_tiny_shapes(tmp_path):
 
 
 def test_gpu_correctness_check_catches_a_wrong_fused_loss(monkeypatch):
-    import bench_gpu
+    from benchmarks import gpu as bench_gpu
     import densecl
     assert bench_gpu.check_queue_loss(torch.device("cpu"))["ok"]
     wrong = densecl.QueueInfoNCE.apply
@@ -150,8 +149,8 @@ def test_gpu_correctness_check_catches_a_wrong_fused_loss(monkeypatch):
 def test_networks_floor_runs_every_trained_network():
     # the networks floor must reach each trained parameter: none left without a gradient
     import argparse
-    import bench
-    import bench_gpu
+    from benchmarks import speed as bench
+    from benchmarks import gpu as bench_gpu
     cfg = bench_gpu.configs(argparse.Namespace(tiny=True, workers=0))
     for method in ("moco", "densecl", "decon", "adclr"):
         *_, (train_fwd, _, params) = bench_gpu.setup(method, cfg, torch.device("cpu"), None)

@@ -1,4 +1,4 @@
-"""common.py, imagedata.py, backbones.py: data presets, synthetic scenes, augmentations, networks, schedules, checkpoints."""
+"""common.py, common.py, common.py: data presets, synthetic scenes, augmentations, networks, schedules, checkpoints."""
 import argparse
 import copy
 import warnings
@@ -8,9 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import backbones
 import common
-import imagedata
 
 
 def _args(data, root, **kw):
@@ -30,31 +28,31 @@ def test_presets_find_their_layouts(tmp_path):
     _write_images(tmp_path / "imagenet" / "train" / "n01", 2)
     _write_images(tmp_path / "imagenet" / "train" / "n02", 3)
     _write_images(tmp_path / "flat" / "deep" / "er", 4)
-    assert len(imagedata.build_pretrain_dataset(_args("coco", tmp_path), None)) == 3
-    assert len(imagedata.build_pretrain_dataset(_args("coco+", tmp_path), None)) == 5
-    assert len(imagedata.build_pretrain_dataset(_args("imagenet", tmp_path), None)) == 5
-    folder = imagedata.build_pretrain_dataset(_args(str(tmp_path / "flat"), tmp_path), None)
+    assert len(common.build_pretrain_dataset(_args("coco", tmp_path), None)) == 3
+    assert len(common.build_pretrain_dataset(_args("coco+", tmp_path), None)) == 5
+    assert len(common.build_pretrain_dataset(_args("imagenet", tmp_path), None)) == 5
+    folder = common.build_pretrain_dataset(_args(str(tmp_path / "flat"), tmp_path), None)
     assert len(folder) == 4 and folder[0].size == (40, 30)
-    assert len(imagedata.build_pretrain_dataset(_args("synthetic", tmp_path), None)) == 4
+    assert len(common.build_pretrain_dataset(_args("synthetic", tmp_path), None)) == 4
 
 
 def test_missing_folder_names_folder_and_layout(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        imagedata.build_pretrain_dataset(_args("coco", tmp_path), None)
+        common.build_pretrain_dataset(_args("coco", tmp_path), None)
     assert str(tmp_path / "coco" / "train2017") in str(e.value) and "train2017/*.jpg" in str(e.value)
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "imagenet" / "train" / "n01").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no images .* found in .*imagenet/train.*Expected layout"):
-        imagedata.build_pretrain_dataset(_args("imagenet", tmp_path), None)
+        common.build_pretrain_dataset(_args("imagenet", tmp_path), None)
 
 
 def test_corrupt_image_is_skipped_with_one_warning(tmp_path):
     _write_images(tmp_path / "imgs", 2)
     bad = tmp_path / "imgs" / "img0.jpg"
     bad.write_bytes(b"not a jpeg at all")
-    ds = imagedata.build_pretrain_dataset(_args(str(tmp_path / "imgs"), tmp_path), None)
+    ds = common.build_pretrain_dataset(_args(str(tmp_path / "imgs"), tmp_path), None)
     with pytest.warns(UserWarning, match="img0.jpg"):
         img = ds[0]
     assert img.getpixel((0, 0))[0] > 20  # img1 (red 40) was returned in its place
@@ -64,13 +62,13 @@ def test_corrupt_image_is_skipped_with_one_warning(tmp_path):
 
 
 def test_synthetic_is_deterministic_and_splits_differ():
-    a, la = imagedata.synthetic_scene(5, seed=1, size=64)
-    b, lb = imagedata.synthetic_scene(5, seed=1, size=64)
-    c, _ = imagedata.synthetic_scene(6, seed=1, size=64)
+    a, la = common.synthetic_scene(5, seed=1, size=64)
+    b, lb = common.synthetic_scene(5, seed=1, size=64)
+    c, _ = common.synthetic_scene(6, seed=1, size=64)
     assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(la, lb)
     assert not np.array_equal(np.asarray(a), np.asarray(c))
-    train = imagedata.SyntheticScenes(3, 64, split="train", with_labels=True)
-    val = imagedata.SyntheticScenes(3, 64, split="val", with_labels=True)
+    train = common.SyntheticScenes(3, 64, split="train", with_labels=True)
+    val = common.SyntheticScenes(3, 64, split="val", with_labels=True)
     assert not np.array_equal(np.asarray(train[0][0]), np.asarray(val[0][0]))
     assert val.offset >= 1_000_000 > len(train)
 
@@ -83,11 +81,11 @@ def test_synthetic_labels_sit_on_the_objects_edges():
         return grad[edge].mean() / grad[~edge].mean()
     right, wrong = [], []
     for i in range(10):
-        img, label = imagedata.synthetic_scene(i, size=128)
+        img, label = common.synthetic_scene(i, size=128)
         x = np.asarray(img).astype(np.float32).mean(2)
         right.append(edge_ratio(x, label))
         wrong.append(edge_ratio(x, label.T))
-        assert set(np.unique(label)) <= set(range(len(imagedata.SHAPES) + 1))
+        assert set(np.unique(label)) <= set(range(len(common.SHAPES) + 1))
     assert np.median(right) > 3.0 and np.median(wrong) < 2.0
 
 
@@ -95,7 +93,7 @@ def test_synthetic_colour_does_not_give_the_class_away():
     """A nearest-class-mean classifier on an object's mean colour is close to chance (1/8)."""
     feats, classes = [], []
     for i in range(300):
-        img, label = imagedata.synthetic_scene(i, size=64)
+        img, label = common.synthetic_scene(i, size=64)
         x = np.asarray(img).astype(np.float32)
         for k in np.unique(label)[1:]:
             feats.append(x[label == k].mean(0))
@@ -113,7 +111,7 @@ def test_mono_scenes_are_grey_and_a_pixels_grey_does_not_give_the_class_away():
     class shows both in about equal shares, so a pixel's grey tells figure from ground only."""
     dark, total, ground = np.zeros(9), np.zeros(9), []
     for i in range(300):
-        img, label = imagedata.synthetic_scene(i, size=64, style="mono")
+        img, label = common.synthetic_scene(i, size=64, style="mono")
         x = np.asarray(img).astype(np.float32)
         assert (x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all()  # grey: R = G = B
         grey, fg = x[..., 0], label > 0
@@ -125,7 +123,7 @@ def test_mono_scenes_are_grey_and_a_pixels_grey_does_not_give_the_class_away():
     assert (total[1:] > 0).all() and (np.abs(share - 0.5) < 0.15).all(), share
     assert abs(np.mean(ground) - 128) < 3
     with pytest.raises(ValueError, match="mono"):
-        imagedata.synthetic_scene(0, size=64, style="grey")
+        common.synthetic_scene(0, size=64, style="grey")
 
 
 def test_cosine_schedule_warmup_and_ends():
@@ -163,7 +161,7 @@ def test_checkpoint_is_atomic_and_loads_weights_only(tmp_path):
 
 def test_resnet_trunk_shapes_and_torchvision_names():
     import torchvision
-    trunk = backbones.ResNetTrunk("resnet18", pyramid=True)
+    trunk = common.ResNetTrunk("resnet18", pyramid=True)
     feats = trunk(torch.randn(2, 3, 64, 64))
     assert [tuple(f.shape[1:]) for f in feats] == [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
     missing, unexpected = torchvision.models.resnet18().load_state_dict(trunk.state_dict(), strict=False)
@@ -234,9 +232,9 @@ def test_resnet_inits():
     import densecl
     import math
     torch.manual_seed(0)
-    conv = backbones.ResNetTrunk("resnet50", conv_init="fan_in").layer3[0].conv2
+    conv = common.ResNetTrunk("resnet50", conv_init="fan_in").layer3[0].conv2
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (conv.in_channels * 9)), rel=0.05)
-    conv = backbones.ResNetTrunk("resnet50").layer3[0].conv2  # torchvision: fan_out
+    conv = common.ResNetTrunk("resnet50").layer3[0].conv2  # torchvision: fan_out
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (conv.out_channels * 9)), rel=0.05)
     enc = densecl.Encoder("resnet50", 128)  # DenseCL's neck: convs keep PyTorch's default (kaiming uniform, a=sqrt 5)
     w = enc.dense_head[0].weight

@@ -9,11 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import backbones
 import common
 import decon
 import eval_dense
-import imagedata
 from conftest import TINY, assert_ranks_equal, python, rank_dump_script, torchrun
 
 TINY_DECON = [*TINY, "--dim-hidden", "64"]
@@ -98,7 +96,7 @@ def test_alignment_maps_the_same_image_point_in_both_views(flip1, flip2):
 
 def test_two_crops_always_overlap():
     t = decon.TwoCropsWithOverlap(32, 0.08)
-    img = imagedata.synthetic_scene(0, size=64)[0]
+    img = common.synthetic_scene(0, size=64)[0]
     for _ in range(20):
         views, boxes, flips = t(img)
         assert views[0].shape == (3, 32, 32) and boxes.shape == (2, 4) and flips.shape == (2,)
@@ -106,7 +104,7 @@ def test_two_crops_always_overlap():
 
 
 def test_channel_dropout_is_off_in_eval_mode():
-    fpn = backbones.FPN([8, 16, 32, 64], 16, skip_dropout=0.5, skip_drop_mode="channel")
+    fpn = common.FPN([8, 16, 32, 64], 16, skip_dropout=0.5, skip_drop_mode="channel")
     feats = [torch.randn(2, c, s, s) for c, s in zip([8, 16, 32, 64], [16, 8, 4, 2])]
     fpn.eval()
     assert all(torch.equal(a, b) for a, b in zip(fpn(feats), fpn(feats)))
@@ -244,7 +242,7 @@ def test_decoder_heads_options_and_fcn_width():
 
 def test_whole_map_skip_dropout_drops_a_level_for_the_batch_without_rescaling():
     torch.manual_seed(0)
-    fpn = backbones.FPN([8, 16, 32, 64], 16, skip_dropout=0.5, skip_drop_mode="map").train()
+    fpn = common.FPN([8, 16, 32, 64], 16, skip_dropout=0.5, skip_drop_mode="map").train()
     x = torch.randn(4, 16, 8, 8)
     outs = [fpn.drop_skip(x) for _ in range(40)]
     assert all(torch.equal(o, x) or o.abs().sum() == 0 for o in outs)  # one draw for the whole batch, no 1/(1-p)

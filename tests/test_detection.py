@@ -9,11 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import backbones
-import detection
+import common
 import eval_dense
-import imagedata
 from conftest import REPO, python
+from evaluation import detection
 
 pytest.importorskip("pycocotools")  # an optional dependency of --task detect / instance (CI installs it)
 
@@ -25,7 +24,7 @@ def test_synthetic_instances_are_the_label_map_split_into_objects():
     data = detection.SyntheticInstances(6, 64, seed=0, split="val", train=False, min_area=1)
     for i in range(6):
         img, boxes, labels, masks = data.annotations(i)
-        _, label = imagedata.synthetic_scene(imagedata.VAL_INDEX_OFFSET + i, 0, 64)
+        _, label = common.synthetic_scene(common.VAL_INDEX_OFFSET + i, 0, 64)
         rebuilt = np.zeros_like(label)
         for b, l, m in zip(boxes.long().tolist(), labels.tolist(), masks.numpy().astype(bool)):
             ys, xs = np.nonzero(m)
@@ -58,7 +57,7 @@ class Oracle(torch.nn.Module):
 def test_coco_ap_reads_100_for_the_ground_truth_and_less_for_shifted_boxes(tmp_path, shift, expect):
     data = detection.SyntheticInstances(6, 64, seed=0, split="val", train=False)
     args = eval_dense.get_args(["--task", "instance", "--synthetic-size", "64", "--pictures", "2"])
-    names = list(imagedata.SYNTHETIC_CLASSES[1:])
+    names = list(common.SYNTHETIC_CLASSES[1:])
     loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=detection.collate)
     m = detection.evaluate(Oracle(data, shift), loader, detection.coco_ground_truth(data, names), names, args, None,
                            torch.device("cpu"), tmp_path)
@@ -100,7 +99,7 @@ def test_coco_layout(tmp_path):
 def test_decoder_and_region_head_load_into_the_detector():
     import mcl
     args = eval_dense.get_args(["--task", "detect", "--init-decoder", *SMALL])
-    fpn = backbones.FPN([64, 128, 256, 512], 256)
+    fpn = common.FPN([64, 128, 256, 512], 256)
     for p in fpn.parameters():
         torch.nn.init.normal_(p)
     convs = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in mcl.RegionHead().convs.state_dict().items()}

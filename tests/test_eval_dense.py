@@ -10,10 +10,9 @@ import torch
 import torchvision
 from PIL import Image
 
-import backbones
 import common
 import eval_dense as ev
-import seg_data
+from evaluation import seg_data
 from conftest import REPO, python
 
 
@@ -98,17 +97,17 @@ def test_missing_layout_is_a_clear_error(tmp_path, data):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_dilation_sets_output_stride_and_keeps_weights(arch):
     x = torch.randn(1, 3, 64, 64)
-    plain = backbones.ResNetTrunk(arch, pyramid=True).eval()
+    plain = common.ResNetTrunk(arch, pyramid=True).eval()
     for stride, size in ((16, 4), (8, 8)):
-        dilated = ev.dilate(backbones.ResNetTrunk(arch, pyramid=True), stride).eval()
+        dilated = ev.dilate(common.ResNetTrunk(arch, pyramid=True), stride).eval()
         dilated.load_state_dict(plain.state_dict())  # same parameters, only strides/dilations change
         assert dilated(x)[3].shape[-1] == size
     assert torch.allclose(dilated(x)[0], plain(x)[0])  # C2 is untouched
 
 
 def _downstream(tmp_path, arch="resnet50", decoder=False):
-    trunk = backbones.ResNetTrunk(arch)
-    fpn = backbones.FPN(trunk.channels) if decoder else None
+    trunk = common.ResNetTrunk(arch)
+    fpn = common.FPN(trunk.channels) if decoder else None
     path = tmp_path / "downstream.pth"
     common.save_downstream(path, "test", arch, trunk, fpn, fpn.config if fpn else None)
     return path, trunk, fpn

@@ -1,4 +1,4 @@
-"""gpu_augment.py: the device-side views follow the PIL/v2 pipeline's distribution, and each
+"""--gpu-augment (common.py, section 7; decon.py, mcl.py, adclr.py): the device-side views follow the PIL/v2 pipeline's distribution, and each
 transform with fixed parameters equals torchvision's within interpolation tolerance."""
 import math
 
@@ -8,8 +8,8 @@ import torch
 import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 
-import imagedata
-import gpu_augment as ga
+import common
+
 
 
 def smooth_image(h, w, seed=0):
@@ -22,7 +22,7 @@ def smooth_image(h, w, seed=0):
 @pytest.mark.parametrize("h,w,scale", [(375, 500, (0.2, 1.0)), (500, 90, (0.08, 1.0))])
 def test_crop_parameters_follow_torchvisions_distribution(h, w, scale):
     torch.manual_seed(0)
-    boxes = ga.crop_params(torch.tensor([[h, w]], dtype=torch.float).repeat(20000, 1), scale)
+    boxes = common.crop_params(torch.tensor([[h, w]], dtype=torch.float).repeat(20000, 1), scale)
     ours = {"area": ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (h * w)).numpy(),
             "log_aspect": torch.log((boxes[:, 2] - boxes[:, 0]) / (boxes[:, 3] - boxes[:, 1])).numpy(),
             "cx": ((boxes[:, 0] + boxes[:, 2]) / 2 / w).numpy()}
@@ -41,7 +41,7 @@ def test_crop_parameters_follow_torchvisions_distribution(h, w, scale):
 def test_a_fixed_crop_equals_torchvisions_resized_crop(box):
     img = smooth_image(200, 300)
     x0, y0, x1, y1 = box
-    ours = ga.resized_crops(img, torch.tensor([box], dtype=torch.float), 96)
+    ours = common.resized_crops(img, torch.tensor([box], dtype=torch.float), 96)
     theirs = TF.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [96, 96], antialias=True)
     assert (ours - theirs).abs().mean() < 2e-3 and (ours - theirs).abs().max() < 3e-2
 
@@ -56,17 +56,17 @@ def test_fixed_colour_factors_equal_torchvisions():
     for position, values, fn in cases:  # one op away from identity: the random order cannot matter
         factors = [one, one, one, zero]
         factors[position] = values
-        ours = ga.color_jitter(x, *factors)
+        ours = common.color_jitter(x, *factors)
         theirs = torch.stack([fn(x[i], float(v)) for i, v in enumerate(values)])
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ga.gray(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(common.gray(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
 
 
 def test_a_fixed_blur_equals_torchvisions():
     x = torch.rand(3, 3, 40, 40)
     sigma = torch.tensor([0.1, 0.8, 2.0])
-    k = imagedata.blur_kernel(40)
-    ours = ga.gaussian_blur(x, sigma, k)
+    k = common.blur_kernel(40)
+    ours = common.gaussian_blur(x, sigma, k)
     theirs = torch.stack([TF.gaussian_blur(x[i], [k, k], [float(s), float(s)]) for i, s in enumerate(sigma)])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
@@ -84,18 +84,18 @@ def _moments(a, b):
 def _images(n=96, size=72):
     torch.manual_seed(0)
     np.random.seed(0)
-    return [imagedata.synthetic_scene(i, size=size)[0] for i in range(n)]
+    return [common.synthetic_scene(i, size=size)[0] for i in range(n)]
 
 
 def _decoded(imgs, repeat):
-    return ga.pad_collate([ga.DecodeOnly()(img) for img in imgs for _ in range(repeat)])
+    return common.pad_collate([common.DecodeOnly()(img) for img in imgs for _ in range(repeat)])
 
 
 def test_moco_views_match_the_pil_pipelines_statistics():
     imgs = _images()
-    cpu = imagedata.moco_v2_augmentation(64)
+    cpu = common.moco_v2_augmentation(64)
     a = torch.stack([cpu(img) for img in imgs for _ in range(4)])  # (384, 3, 64, 64)
-    b = torch.cat(ga.MoCoV2Views(64)(_decoded(imgs, 2), torch.device("cpu")))  # (384, 3, 64, 64)
+    b = torch.cat(common.MoCoV2Views(64)(_decoded(imgs, 2), torch.device("cpu")))  # (384, 3, 64, 64)
     assert a.shape == b.shape
     _moments(a, b)
 
@@ -105,7 +105,7 @@ def test_decon_views_boxes_and_flips_match_the_cpu_pipeline():
     imgs = _images()
     cpu = decon.TwoCropsWithOverlap(64, 0.08)
     out = [cpu(img) for img in imgs for _ in range(3)]
-    views, boxes, flips = ga.OverlappingViews(64, 0.08, decon.overlap_boxes)(_decoded(imgs, 3), torch.device("cpu"))
+    views, boxes, flips = decon.OverlappingViews(64, 0.08)(_decoded(imgs, 3), torch.device("cpu"))
     assert boxes.shape == (288, 2, 4) and flips.shape == (288, 2) and views[0].shape == (288, 3, 64, 64)
     for k in (0, 1):  # view 2 is the solarized branch
         _moments(torch.stack([o[0][k] for o in out]), views[k])
@@ -117,7 +117,7 @@ def test_decon_views_boxes_and_flips_match_the_cpu_pipeline():
 def test_batched_overlap_boxes_equal_the_per_image_ones():
     import decon
     torch.manual_seed(0)
-    b1, b2 = ga.crop_params(torch.tensor([[60.0, 80.0]]).repeat(2 * 16, 1), (0.3, 1.0)).div(torch.tensor([80.0, 60.0] * 2)).split(16)
+    b1, b2 = common.crop_params(torch.tensor([[60.0, 80.0]]).repeat(2 * 16, 1), (0.3, 1.0)).div(torch.tensor([80.0, 60.0] * 2)).split(16)
     f1, f2 = torch.rand(16) < 0.5, torch.rand(16) < 0.5
     batched = decon.overlap_boxes(b1, f1, b2, f2)
     torch.testing.assert_close(batched, torch.stack([decon.overlap_boxes(b1[i], bool(f1[i]), b2[i], bool(f2[i]))
@@ -129,14 +129,14 @@ def test_mcl_and_adclr_views_match_the_cpu_pipelines():
     import mcl
     imgs = _images(48)
     cpu = [mcl.EightCrops(64)(img) for img in imgs for _ in range(2)]
-    gpu = ga.EightCropViews(64)(_decoded(imgs, 2), torch.device("cpu"))
+    gpu = mcl.EightCropViews(64)(_decoded(imgs, 2), torch.device("cpu"))
     assert len(gpu) == 8 and gpu[0].shape == (96, 3, 64, 64)
     for k in (0, 7):  # a view of each branch
         _moments(torch.stack([c[k] for c in cpu]), gpu[k])
     a = adclr.get_args(["--global-size", "64", "--local-size", "32", "--local-crops", "2", "--num-queries", "4",
                         "--query-size", "16", "--query-augment", "local"])
     cpu = [adclr.MultiCropWithQueries(a)(img) for img in imgs for _ in range(2)]
-    g, l, q = ga.MultiCropViews(a)(_decoded(imgs, 2), torch.device("cpu"))
+    g, l, q = adclr.MultiCropViews(a)(_decoded(imgs, 2), torch.device("cpu"))
     assert len(g) == 2 and len(l) == 2 and q.shape == (96, 4, 3, 16, 16) and l[0].shape == (96, 3, 32, 32)
     _moments(torch.stack([c[0][1] for c in cpu]), g[1])
     _moments(torch.stack([c[1][0] for c in cpu]), l[0])
@@ -145,13 +145,13 @@ def test_mcl_and_adclr_views_match_the_cpu_pipelines():
 
 def test_solarize_equals_torchvisions():
     x = torch.rand(2, 3, 8, 8)
-    ours = ga.colour(x, (0, 0, 0, 0), 0.0, 0.0, 0.0, 1.0, 3)
-    torch.testing.assert_close(ours, ga.normalise(TF.solarize(x, 128 / 255)))
+    ours = common.device_colour(x, (0, 0, 0, 0), 0.0, 0.0, 0.0, 1.0, 3)
+    torch.testing.assert_close(ours, common.normalise(TF.solarize(x, 128 / 255)))
 
 
 def test_decode_only_caps_the_long_side_and_pads():
-    img = imagedata.synthetic_scene(0, size=100)[0].resize((100, 60))
-    x = ga.DecodeOnly(max_side=50)(img)
+    img = common.synthetic_scene(0, size=100)[0].resize((100, 60))
+    x = common.DecodeOnly(max_side=50)(img)
     assert x.dtype == torch.uint8 and x.shape == (3, 30, 50)
-    images, sizes = ga.pad_collate([x, ga.DecodeOnly()(img)])
+    images, sizes = common.pad_collate([x, common.DecodeOnly()(img)])
     assert images.shape == (2, 3, 60, 100) and sizes.tolist() == [[30, 50], [60, 100]] and images[0, :, 30:].sum() == 0

@@ -12,10 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import backbones
 import common
 import eval_dense
-import imagedata
 import moco
 from conftest import REPO, TINY, python
 
@@ -73,7 +71,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method, worke
 
 
 def test_views_do_not_depend_on_the_number_of_loader_workers():
-    ds = imagedata.SyntheticScenes(8, 48, transform=imagedata.TwoViews(imagedata.moco_v2_augmentation(32)))
+    ds = common.SyntheticScenes(8, 48, transform=common.TwoViews(common.moco_v2_augmentation(32)))
     batches = []
     for workers in (0, 2):
         loader = common.make_loader(ds, 4, workers, 0, torch.device("cpu"))
@@ -195,7 +193,7 @@ def test_flags_that_would_train_wrong_are_refused(script, flags, says, capsys):
 
 def test_init_of_another_arch_names_the_stored_one(tmp_path):
     path = tmp_path / "downstream.pth"
-    common.save_downstream(path, "test", "resnet50", backbones.ResNetTrunk("resnet50"))
+    common.save_downstream(path, "test", "resnet50", common.ResNetTrunk("resnet50"))
     proc = _popen(["eval_dense.py", "--init", path, "--arch", "resnet18", "--iters", "1", "--synthetic-train", "8",
                    "--synthetic-val", "4", "--synthetic-size", "32", "--crop-size", "32", "--batch-size", "4",
                    "--workers", "0", "--output-dir", tmp_path / "ev"])
@@ -207,14 +205,14 @@ def test_sixteen_bit_and_exif_rotated_images(tmp_path):
     ramp = (np.arange(64 * 32, dtype=np.uint16).reshape(32, 64) * 31).astype(np.uint16)  # 0 .. 63457
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
-    img = np.asarray(imagedata.open_rgb(tmp_path / "deep.png"))
+    img = np.asarray(common.open_rgb(tmp_path / "deep.png"))
     assert img.shape == (32, 64, 3) and (img == 255).mean() < 0.01 and abs(int(img[-1, -1, 0]) - 63457 // 257) <= 1
     photo = Image.new("RGB", (40, 20), (200, 10, 10))
     exif = photo.getexif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees on display
     photo.save(tmp_path / "phone.jpg", exif=exif)
-    assert imagedata.open_rgb(tmp_path / "phone.jpg").size == (20, 40)
-    assert imagedata.open_rgb(tmp_path / "phone.jpg", exif=False).size == (40, 20)
+    assert common.open_rgb(tmp_path / "phone.jpg").size == (20, 40)
+    assert common.open_rgb(tmp_path / "phone.jpg", exif=False).size == (40, 20)
 
 
 def test_a_corrupt_image_is_warned_once_across_workers(tmp_path):
@@ -223,8 +221,8 @@ def test_a_corrupt_image_is_warned_once_across_workers(tmp_path):
     for i in range(16):
         Image.new("RGB", (40, 40), (i * 10, 0, 0)).save(folder / f"{i:02d}.jpg")
     (folder / "00.jpg").write_bytes(b"broken")
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import imagedata, torch\n"
-            f"ds = imagedata.ImageFiles(imagedata.find_images({str(folder)!r}), lambda im: torch.zeros(1))\n"
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import common, torch\n"
+            f"ds = common.ImageFiles(common.find_images({str(folder)!r}), lambda im: torch.zeros(1))\n"
             f"loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)\n"
             f"for epoch in range(2):\n    list(loader)\n")
     tmp = tmp_path / "tmp"

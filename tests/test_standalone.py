@@ -1,13 +1,11 @@
-"""Each method file, copied alone with its plumbing (common.py, imagedata.py, backbones.py) into an empty folder, still
-runs (users copy them)."""
+"""Each method file, copied with common.py alone into an empty folder, is the whole method: --help
+works and a tiny run trains, with and without --gpu-augment (users copy these two files)."""
 import shutil
 
 import pytest
 
 import common
 from conftest import REPO, TINY, python
-
-PLUMBING = ("common.py", "imagedata.py", "backbones.py")
 
 CASES = {
     "moco.py": [*TINY, "--bn-splits", "2", "--queue-size", "64"],
@@ -20,10 +18,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("gpu_augment", [False, True], ids=["cpu-augment", "gpu-augment"])
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_method_file_and_its_plumbing_alone_in_an_empty_folder(tmp_path, script):
-    for f in (script, *PLUMBING):
+def test_method_file_and_common_alone_in_an_empty_folder(tmp_path, script, gpu_augment):
+    for f in (script, "common.py"):
         shutil.copy(REPO / f, tmp_path / f)
-    python(script, *CASES[script], "--max-steps", "1", "--output-dir", "out", cwd=tmp_path, env={"PYTHONPATH": ""})
-    assert common.load_checkpoint(tmp_path / "out" / "checkpoint.pth")["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == sorted([script, *PLUMBING])
+    env = {"PYTHONPATH": ""}  # nothing of the repository but the two files
+    assert "--gpu-augment" in python(script, "--help", cwd=tmp_path, env=env)
+    flags = ["--gpu-augment"] if gpu_augment else []
+    python(script, *CASES[script], *flags, "--max-steps", "1", "--output-dir", "out", cwd=tmp_path, env=env)
+    ckpt = common.load_checkpoint(tmp_path / "out" / "checkpoint.pth")
+    assert ckpt["step"] == 1 and ckpt["args"]["gpu_augment"] is gpu_augment
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == sorted([script, "common.py"])

@@ -11,18 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-import backbones
 import common
 import eval_dense as ev
 import mcl
-import seg_data
-import weights
+from evaluation import seg_data
+from evaluation import weights
 from conftest import python
 
 
 def _trunk(arch="resnet18", seed=0):
     torch.manual_seed(seed)
-    return backbones.ResNetTrunk(arch)
+    return common.ResNetTrunk(arch)
 
 
 def _prefixed(state, prefix):
@@ -67,8 +66,8 @@ def _layouts(tmp_path):
                     "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 3}},
         # DINO main_dino.py: {"student": DDP, "teacher": plain, "args": Namespace, ...}
         "dino": {"args": argparse.Namespace(arch="vit_small"), "epoch": 100,
-                 "student": _prefixed(backbones.ViT("vit_micro", 16, 224).state_dict(), "module.backbone."),
-                 "teacher": {**_prefixed(backbones.ViT("vit_micro", 16, 224).state_dict(), "backbone."),
+                 "student": _prefixed(common.ViT("vit_micro", 16, 224).state_dict(), "module.backbone."),
+                 "teacher": {**_prefixed(common.ViT("vit_micro", 16, 224).state_dict(), "backbone."),
                              "head.last_layer.weight_g": torch.ones(64, 1)}},
     }
     paths = {}
@@ -86,13 +85,13 @@ def test_every_official_layout_reads_the_right_backbone(tmp_path):
         assert set(backbone) == set(state) and all(torch.equal(backbone[k], state[k]) for k in state), name
     vit, meta = weights.load_init(str(paths["dino"]))
     assert meta["arch"] == "vit_micro" and torch.equal(vit["pos_embed"], dino_teacher["backbone.pos_embed"])
-    net = backbones.ViT("vit_micro", 16, 224)
+    net = common.ViT("vit_micro", 16, 224)
     weights.load_backbone(net, vit, "vit_micro", meta, "dino")  # strict: every tensor
 
 
 def test_mcl_layout_brings_fpn_and_region_head_and_exports_them(tmp_path):
     """MCL's OpenSelfSup checkpoint: backbone, FPN (mmcv lateral_convs/fpn_convs) and the region
-    head's cls_convs, mapped onto backbones.FPN and mcl.RegionHead names, then to detectron2's."""
+    head's cls_convs, mapped onto common.FPN and mcl.RegionHead names, then to detectron2's."""
     torch.manual_seed(0)
     online = mcl.Online("resnet18")
     state = {**_prefixed(online.encoder.state_dict(), "backbone."), **_prefixed(online.encoder.state_dict(), "encoder_q.0.")}
@@ -107,7 +106,7 @@ def test_mcl_layout_brings_fpn_and_region_head_and_exports_them(tmp_path):
     state["encoder_q.2.mlp.0.weight"] = torch.randn(2048, 256)
     torch.save({"meta": {"epoch": 100}, "state_dict": state}, tmp_path / "mcl.pth")
     backbone, meta = weights.load_init(str(tmp_path / "mcl.pth"))
-    fpn = backbones.FPN(online.encoder.channels, 256)
+    fpn = common.FPN(online.encoder.channels, 256)
     fpn.load_state_dict(meta["decoder"], strict=True)
     assert all(torch.equal(a, b) for a, b in zip(fpn.state_dict().values(), online.fpn.state_dict().values()))
     online.head.convs.load_state_dict(meta["region_head_convs"], strict=True)
@@ -133,7 +132,7 @@ def test_a_partial_match_is_refused_never_exported(tmp_path):
 
 
 def test_timm_export_loads_strictly_with_equal_features(tmp_path):
-    vit = backbones.ViT("vit_small", 16, 224).eval()
+    vit = common.ViT("vit_small", 16, 224).eval()
     common.save_downstream(tmp_path / "downstream.pth", "adclr", "vit_small", vit, extra={"patch_size": 16, "img_size": 224})
     python("eval_dense.py", "--init", tmp_path, "--export", "timm", tmp_path / "timm.pth")
     state = torch.load(tmp_path / "timm.pth", weights_only=True)

@@ -12,7 +12,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import common
-import imagedata
 
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
@@ -95,9 +94,9 @@ class SegFiles(Dataset):
     def __getitem__(self, i):
         img_path, label_path = self.pairs[i]
         label = np.array(Image.open(label_path))  # palette PNGs read as class indices
-        img = imagedata.open_rgb(img_path)  # EXIF orientation applied, 16-bit scaled
+        img = common.open_rgb(img_path)  # EXIF orientation applied, 16-bit scaled
         if img.size != label.shape[::-1]:  # labels follow the stored pixels: then so must the image
-            img = imagedata.open_rgb(img_path, exif=False)
+            img = common.open_rgb(img_path, exif=False)
         if self.lut is not None:
             label = self.lut[label]
         return self.transform(img, label)
@@ -106,7 +105,7 @@ class SegFiles(Dataset):
 def normalise(img):
     """PIL image -> (3, H, W) float tensor with ImageNet mean/std."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(imagedata.IMAGENET_MEAN)[:, None, None]) / torch.tensor(imagedata.IMAGENET_STD)[:, None, None]
+    return (x - torch.tensor(common.IMAGENET_MEAN)[:, None, None]) / torch.tensor(common.IMAGENET_STD)[:, None, None]
 
 
 def photometric(img):
@@ -190,11 +189,11 @@ def build_data(args, device):
     """Training and validation loaders, the class count and the class names."""
     augment = TrainTransform(args.crop_size, args.scale_range, args.base_size, args.cat_max, args.photometric == "on")
     if args.data == "synthetic":
-        train = imagedata.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
+        train = common.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
                                        transform=augment, with_labels=True, style=args.synthetic_style)
-        val = imagedata.SyntheticScenes(args.synthetic_val, args.synthetic_size, seed=args.seed, split="val",
+        val = common.SyntheticScenes(args.synthetic_val, args.synthetic_size, seed=args.seed, split="val",
                                      transform=val_transform, with_labels=True, style=args.synthetic_style)
-        num_classes, names = len(imagedata.SYNTHETIC_CLASSES), list(imagedata.SYNTHETIC_CLASSES)
+        num_classes, names = len(common.SYNTHETIC_CLASSES), list(common.SYNTHETIC_CLASSES)
     else:
         pairs, num_classes, lut = seg_pairs(args.data, args.data_root, "train")
         val_pairs, _, _ = seg_pairs(args.data, args.data_root, "val")

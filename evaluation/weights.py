@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-import backbones
 import common
 
 RESNET_DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34/50", (3, 4, 23, 3): "resnet101"}
@@ -55,7 +54,7 @@ def _strip(state, prefix):
 
 def _mmcv_fpn(state, prefix):
     """OpenSelfSup's FPN (mmcv ConvModules: lateral_convs.i / fpn_convs.i with .conv and .bn) in
-    backbones.FPN's names (lateral.i.0/1, output.p{i+2}.0/1)."""
+    common.FPN's names (lateral.i.0/1, output.p{i+2}.0/1)."""
     out = {}
     for k, v in _strip(state, prefix).items():
         m = re.match(r"(lateral_convs|fpn_convs)\.(\d)\.(conv|bn)\.(.+)", k)
@@ -187,7 +186,7 @@ def export(args):
         raise SystemExit("--export needs --init pointing at pre-trained weights")
     arch = args.arch or meta.get("arch") or "resnet50"
     vit = arch.startswith("vit")
-    net = backbones.ViT(arch, meta.get("patch_size", 16), meta.get("img_size", 224)) if vit else backbones.ResNetTrunk(arch)
+    net = common.ViT(arch, meta.get("patch_size", 16), meta.get("img_size", 224)) if vit else common.ResNetTrunk(arch)
     load_backbone(net, backbone, arch, meta, args.init)  # all or nothing
     if fmt == "timm":
         if not vit:

@@ -1,7 +1,7 @@
-"""`python bench.py gpu`: everything a GPU window can measure, in one command of at most 9 minutes.
+"""`python benchmarks/bench.py gpu`: everything a GPU window can measure, in one command of at most 9 minutes.
 
-    python bench.py gpu                         # on a GPU: writes gpu_report.json and gpu_report.md
-    python bench.py gpu --device cpu --tiny     # the CI test that keeps the command from rotting
+    python benchmarks/bench.py gpu                         # on a GPU: writes gpu_report.json and gpu_report.md
+    python benchmarks/bench.py gpu --device cpu --tiny     # the CI test that keeps the command from rotting
 
 GPU time comes in short, unannounced windows, so this is prepared to run at once with the torch that
 is installed (nothing to download) and to stop each section when its share of `--budget` is spent
@@ -22,7 +22,7 @@ is installed (nothing to download) and to stop each section when its share of `-
    workers, against the images/s its step consumes: "keeps up" or "stalls"; and with --gpu-augment:
    the workers' decode-only rate, capped by the rate of the method's augmentation on the device.
 
-The quality table's GPU tier does not fit in 9 minutes: it is `python bench.py quality --tier gpu`.
+The quality table's GPU tier does not fit in 9 minutes: it is `python benchmarks/bench.py quality --tier gpu`.
 """
 import datetime
 import json
@@ -35,12 +35,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import bench
+import common
+from benchmarks import speed
 
 BF16_TOL = 0.02  # relative difference of the first step's loss, bf16 autocast vs fp32
 STEPS_TOL = 0.10  # after three steps: the updates differ by bf16 rounding, which SlotCon's sharp
 #                   softmaxes amplify (decon at batch 32, 32 px, 3 steps on the 2-core CPU: 6.5e-2;
-#                   at --tiny's batch 8 and 2 steps: 1.2e-2, `python bench.py gpu --device cpu --tiny`)
+#                   at --tiny's batch 8 and 2 steps: 1.2e-2, `python benchmarks/bench.py gpu --device cpu --tiny`)
 TARGET = 1.10  # the issue's target: step <= 1.10 x the networks floor
 
 
@@ -73,12 +74,12 @@ def batch_of(method, cfg):
 
 
 def setup(method, cfg, device, dtype, compile=False):
-    """bench.py's setup for `method` (the method file's real train_step), at cfg's shapes."""
+    """speed.py's setup for `method` (the method file's real train_step), at cfg's shapes."""
     import argparse
     a = argparse.Namespace(arch=cfg["arch"], vit=cfg["vit"], image_size=cfg["image_size"], batch_size=batch_of(method, cfg),
                            compile=compile, extra=cfg["extra"])
     torch.manual_seed(0)
-    return getattr(bench, f"setup_{method}")(a, device, dtype)
+    return getattr(speed, f"setup_{method}")(a, device, dtype)
 
 
 def _loss(out):
@@ -143,7 +144,7 @@ def check_method(method, cfg, device, compile_ok):
 
 def correctness(cfg, device, budget, tiny):
     rows = [check_queue_loss(device)]
-    for method in bench.METHODS:
+    for method in speed.METHODS:
         if budget.left() <= 0:
             rows.append(dict(check=f"{method}: every check", value="skipped (time)", tolerance="", ok=None))
             continue
@@ -173,9 +174,9 @@ def _timed(fn, device):
 def speed_row(method, cfg, device, dtype, compiled):
     step, student, teacher, encoder, nets = setup(method, cfg, device, dtype, compile=compiled)
     fmt = torch.channels_last if device.type == "cuda" and method != "adclr" else torch.contiguous_format
-    enc_floor = bench.make_floor(encoder, [x.to(memory_format=fmt) for x in student],
+    enc_floor = speed.make_floor(encoder, [x.to(memory_format=fmt) for x in student],
                                  [x.to(memory_format=fmt) for x in teacher], device, dtype)
-    net_floor = bench.make_networks_floor(nets, device, dtype)
+    net_floor = speed.make_networks_floor(nets, device, dtype)
     for _ in range(cfg["warmup"]):
         step(), enc_floor(), net_floor()
     if device.type == "cuda":
@@ -210,11 +211,11 @@ def profile(step, device, steps, top=8):
     return [f"{e.key}: {100 * (getattr(e, key, 0) or 0) / total:.1f}%" for e in events]
 
 
-def speed(cfg, device, budget, tiny):
+def speed_section(cfg, device, budget, tiny):
     dtype = torch.bfloat16 if device.type == "cuda" else None
     rows = []
     for compiled in (False, True):
-        for method in bench.METHODS:
+        for method in speed.METHODS:
             if budget.left() <= 0 or (compiled and tiny):
                 rows.append(dict(method=method, compile=compiled, skipped="time" if not tiny else "--tiny"))
                 continue
@@ -228,9 +229,9 @@ def speed(cfg, device, budget, tiny):
 # 3. loader
 # =================================================================================================
 def loader(cfg, device, budget, speed_rows):
-    """Images/s from JPEG files per pipeline (bench.loader_rates) against what the step consumes."""
+    """Images/s from JPEG files per pipeline (speed.loader_rates) against what the step consumes."""
     with tempfile.TemporaryDirectory(prefix="bench-gpu-data-") as tmp:  # the JPEG files go with it
-        rates = bench.loader_rates(tmp, cfg["images"], cfg["image_size"], cfg["batch"], cfg["workers"], budget.left,
+        rates = speed.loader_rates(tmp, cfg["images"], cfg["image_size"], cfg["batch"], cfg["workers"], budget.left,
                                    adclr_args=cfg["extra"].get("adclr", []))
     eager = {r["method"]: r for r in speed_rows if not r["compile"] and "skipped" not in r}
     rows = []
@@ -248,17 +249,17 @@ def loader(cfg, device, budget, speed_rows):
 
 
 def device_augment_rate(method, cfg, device, repeats=5):
-    """Images/s of the method's --gpu-augment views (gpu_augment.py) from a decoded batch, on the device."""
+    """Images/s of the method's --gpu-augment views from a decoded batch, on the device."""
     import adclr
     import decon
-    import gpu_augment
+    import mcl
     size = cfg["image_size"]
     batch = (torch.randint(0, 256, (batch_of(method, cfg), 3, size * 8 // 7, size * 8 // 7 + 40), dtype=torch.uint8),
              torch.tensor([[size * 8 // 7, size * 8 // 7 + 40]] * batch_of(method, cfg)))
-    views = {"moco": lambda: gpu_augment.MoCoV2Views(size), "densecl": lambda: gpu_augment.MoCoV2Views(size),
-             "decon": lambda: gpu_augment.OverlappingViews(size, 0.08, decon.overlap_boxes),
-             "mcl": lambda: gpu_augment.EightCropViews(size),
-             "adclr": lambda: gpu_augment.MultiCropViews(adclr.get_args(["--global-size", str(size), *cfg["extra"].get("adclr", [])]))}[method]()
+    views = {"moco": lambda: common.MoCoV2Views(size), "densecl": lambda: common.MoCoV2Views(size),
+             "decon": lambda: decon.OverlappingViews(size, 0.08),
+             "mcl": lambda: mcl.EightCropViews(size),
+             "adclr": lambda: adclr.MultiCropViews(adclr.get_args(["--global-size", str(size), *cfg["extra"].get("adclr", [])]))}[method]()
     views(batch, device)  # warm-up
     t = statistics.median(_timed(lambda: views(batch, device), device) for _ in range(repeats))
     return batch_of(method, cfg) / t
@@ -293,7 +294,7 @@ def markdown(report):
     for r in report["loader"]:
         lines.append(f"| {r['method']} | {r['pipeline']} | {r['workers']} | {f(r['loader_images_per_s'], 0)} | "
                      f"{f(r['step_images_per_s'], 0)} | {r['verdict']} |")
-    lines += ["", "The quality table's GPU tier: `python bench.py quality --tier gpu` (not part of this command)."]
+    lines += ["", "The quality table's GPU tier: `python benchmarks/bench.py quality --tier gpu` (not part of this command)."]
     return "\n".join(lines) + "\n"
 
 
@@ -301,20 +302,20 @@ def gpu(args):
     t0 = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu: no CUDA device; run `python bench.py gpu --device cpu --tiny` to check the command")
+        raise SystemExit("benchmarks/bench.py gpu: no CUDA device; run `python benchmarks/bench.py gpu --device cpu --tiny` to check the command")
     cfg = configs(args)
     # each section runs until its share of --budget is spent: correctness to 30%, speed to 85%, the
     # loader to the end; time a section leaves over goes to the next
     start, rows = time.perf_counter(), {}
     for name, until, fn in (("correctness", 0.30, lambda b: correctness(cfg, device, b, args.tiny)),
-                            ("speed", 0.85, lambda b: speed(cfg, device, b, args.tiny)),
+                            ("speed", 0.85, lambda b: speed_section(cfg, device, b, args.tiny)),
                             ("loader", 1.0, lambda b: loader(cfg, device, b, rows["speed"]))):
         budget = Budget(start + until * args.budget - time.perf_counter())
         print(f"bench gpu | {name} ({max(budget.left(), 0):.0f} s) ...", flush=True)
         rows[name] = fn(budget)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     report = dict(device=name, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  torch=torch.__version__, cuda=torch.version.cuda, command="python bench.py gpu" +
+                  torch=torch.__version__, cuda=torch.version.cuda, command="python benchmarks/bench.py gpu" +
                   (f" --device {args.device}" if args.device != "cuda" else "") + (" --tiny" if args.tiny else ""),
                   shapes=f"{cfg['arch']} {cfg['image_size']} px (adclr: {cfg['vit']}), batch {cfg['batch']}, "
                   f"{'bf16' if device.type == 'cuda' else 'fp32'}, median of {cfg['steps']} steps after {cfg['warmup']}",
@@ -327,5 +328,5 @@ def gpu(args):
     print(f"wrote {out / 'gpu_report.json'} and {out / 'gpu_report.md'}")
     failed = [r["check"] for r in rows["correctness"] if r["ok"] is False]
     if failed:
-        raise SystemExit(f"bench.py gpu: {len(failed)} correctness check(s) failed: {'; '.join(failed)}")
+        raise SystemExit(f"benchmarks/bench.py gpu: {len(failed)} correctness check(s) failed: {'; '.join(failed)}")
     return report

@@ -37,10 +37,8 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import backbones
 import common
-import imagedata
-import weights
+from evaluation import weights
 
 
 
@@ -70,14 +68,14 @@ class SyntheticInstances(Dataset):
     def __init__(self, length, size, seed, split, train, min_area=16, style="colour"):
         self.length, self.size, self.seed, self.train, self.min_area = length, size, seed, train, min_area
         self.style = style
-        self.offset = 0 if split == "train" else imagedata.VAL_INDEX_OFFSET
+        self.offset = 0 if split == "train" else common.VAL_INDEX_OFFSET
 
     def __len__(self):
         return self.length
 
     def annotations(self, i):
         """(image, boxes (N, 4) xyxy, labels (N,), masks (N, H, W) uint8)."""
-        img, label, inst = imagedata.synthetic_scene(self.offset + i, self.seed, self.size, instances=True,
+        img, label, inst = common.synthetic_scene(self.offset + i, self.seed, self.size, instances=True,
                                                      style=self.style)
         boxes, labels, masks = [], [], []
         for k in np.unique(inst[inst > 0]):
@@ -123,7 +121,7 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, i):
         info = self.coco.loadImgs(self.ids[i])[0]
-        img = imagedata.open_rgb(self.folder / info["file_name"])
+        img = common.open_rgb(self.folder / info["file_name"])
         anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(self.ids[i])) if not a["iscrowd"]
                 and a["bbox"][2] > 1 and a["bbox"][3] > 1]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
@@ -175,7 +173,7 @@ def build_data(args, device):
         scenes = dict(size=args.synthetic_size, seed=args.seed, style=args.synthetic_style)
         train = SyntheticInstances(args.synthetic_train, split="train", train=True, **scenes)
         val = SyntheticInstances(args.synthetic_val, split="val", train=False, **scenes)
-        names = list(imagedata.SYNTHETIC_CLASSES[1:])
+        names = list(common.SYNTHETIC_CLASSES[1:])
     else:
         raise SystemExit(f"--task {args.task}: --data coco or synthetic (got {args.data}); VOC detection is not implemented")
     train_loader = common.make_loader(train, args.batch_per_rank, args.workers, args.seed, device, collate)
@@ -195,14 +193,14 @@ def build_model(args, arch, num_classes, backbone_state, meta):
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-    trunk = backbones.ResNetTrunk(arch)
+    trunk = common.ResNetTrunk(arch)
     if backbone_state is not None:
         weights.load_backbone(trunk, backbone_state, arch, meta, args.init)
     body = BackboneWithFPN(trunk, {f"layer{i}": str(i - 1) for i in range(1, 5)}, trunk.channels, 256,
                            extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
     box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)  # 4conv1fc
     kw = dict(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes), min_size=args.train_sizes,
-              max_size=args.max_size, image_mean=imagedata.IMAGENET_MEAN, image_std=imagedata.IMAGENET_STD,
+              max_size=args.max_size, image_mean=common.IMAGENET_MEAN, image_std=common.IMAGENET_STD,
               rpn_post_nms_top_n_train=args.proposals, rpn_post_nms_top_n_test=args.proposals,
               box_batch_size_per_image=args.rois_per_image)
     if args.task == "instance":
@@ -216,7 +214,7 @@ def build_model(args, arch, num_classes, backbone_state, meta):
 
 
 def load_decoder(model, meta):
-    """The pre-trained FPN (backbones.FPN names) into torchvision's FPN, and MCL's region-head convs
+    """The pre-trained FPN (common.FPN names) into torchvision's FPN, and MCL's region-head convs
     (mcl.RegionHead.convs names: 3i conv, 3i+1 BN) into the box head's four convs."""
     if meta.get("decoder") is None or (meta.get("decoder_cfg") or {}).get("type", "fpn") != "fpn":
         raise ValueError(f"--init-decoder: the checkpoint holds no pre-trained FPN decoder (method {meta.get('method')})")

@@ -1,10 +1,5 @@
-"""Benchmarks: step time against the physical floor, hand-written losses against naive loops.
-
-    python bench.py speed --arch resnet50 --image-size 224 --batch-size 8      # CPU or CUDA
-    python bench.py loss                                                         # paper shapes, CPU
-    python bench.py data --workers 2 8                                           # loader images/s per pipeline
-    python bench.py quality --tier cpu --seeds 0 1 2                             # miniature (bench_quality.py)
-    python bench.py gpu                                                          # a GPU window (bench_gpu.py)
+"""The CPU benchmarks behind `python benchmarks/bench.py speed | loss | data`, and the method setups
+that benchmarks/gpu.py times on a device.
 
 `speed` times each method's real train_step (from its own file) on random input tensors, interleaved
 with the *floor*: the same backbone doing forward+backward on exactly the student's input tensors,
@@ -15,72 +10,31 @@ its peak memory (CUDA max allocated, or CPU peak RSS) is its own.
 
 `loss` times each batched loss against a naive per-sample loop and against its floor: the one
 matrix product (or pass over the logits) any implementation must compute. naive / floor is the
-most batching can gain on the machine. `quality` runs the miniature reproduction (bench_quality.py).
+most batching can gain on the machine. `data` measures the images/s each method's loader delivers.
 """
-import argparse
 import copy
 import json
 import math
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import backbones
 import common
-import imagedata
 
 METHODS = ("moco", "densecl", "decon", "mcl", "adclr")
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("speed", help="method step vs floor step")
-    s.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    s.add_argument("--arch", default="resnet50", help="ResNet for moco/densecl/decon/mcl")
-    s.add_argument("--vit", default="vit_small", help="ViT for adclr")
-    s.add_argument("--image-size", type=int, default=224)
-    s.add_argument("--batch-size", type=int, default=8, help="per device")
-    s.add_argument("--steps", type=int, default=10, help="timed steps of each (after --warmup)")
-    s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    s.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one method, print JSON
-    sub.add_parser("loss", help="batched losses vs naive per-sample loops at the papers' shapes")
-    d = sub.add_parser("data", help="images/s the loader delivers per method pipeline, from real JPEG files")
-    d.add_argument("--workers", type=int, nargs="+", default=[2])
-    d.add_argument("--images", type=int, default=256)
-    d.add_argument("--image-size", type=int, default=224)
-    d.add_argument("--batch-size", type=int, default=32)
-    g = sub.add_parser("gpu", help="one command for a GPU window (bench_gpu.py): correctness, speed, loader -> gpu_report")
-    g.add_argument("--device", default="cuda", help="cuda, or cpu with --tiny (the CI check)")
-    g.add_argument("--tiny", action="store_true", help="tiny shapes: seconds on a CPU")
-    g.add_argument("--budget", type=float, default=500, help="seconds for all sections (the window allows 9 minutes)")
-    g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
-    g.add_argument("--out", default=".", help="folder for gpu_report.json and gpu_report.md")
-    q = sub.add_parser("quality", help="the miniature reproduction (bench_quality.py): floor, ceiling, every method")
-    import bench_quality  # its TIERS name the choices
-    q.add_argument("--tier", default="cpu", choices=list(bench_quality.TIERS),
-                   help="budget (toy: the test's); -mono: the same on the colourless scenes (--synthetic-style mono)")
-    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    q.add_argument("--methods", nargs="+", default=None, help="a subset (default: all)")
-    q.add_argument("--out", default="runs/quality")
-    q.add_argument("--detection", action="store_true",
-                   help="also Mask R-CNN box / mask AP of every ResNet row (needs pycocotools; adds det_iters "
-                        "per row: about 37 min a row at the CPU tier, README)")
-    return p.parse_args(argv)
 
 
 # =================================================================================================
 # speed: one closure per method that runs its real train_step, and the floor
 # =================================================================================================
 def _extra(args, method):
-    """Extra flags for a method's get_args (bench_gpu.py's tiny shapes); none for `speed`."""
+    """Extra flags for a method's get_args (benchmarks/gpu.py's tiny shapes); none for `speed`."""
     return getattr(args, "extra", {}).get(method, [])
 
 
@@ -108,7 +62,7 @@ def setup_moco(args, device, dtype):
     model_q = _prepare(device, args, enc_q, enc_k)
     step = lambda: moco.train_step(views, model_q, enc_k, queue, pk, pq, opt, scaler, a, dtype, device)
     nets = (lambda: model_q(_cl(views[0], device)), lambda: enc_k(_cl(views[1], device)), pq)
-    return step, views[:1], views[1:], backbones.ResNetTrunk(args.arch), nets
+    return step, views[:1], views[1:], common.ResNetTrunk(args.arch), nets
 
 
 def setup_densecl(args, device, dtype):
@@ -125,7 +79,7 @@ def setup_densecl(args, device, dtype):
     model_q = _prepare(device, args, enc_q, enc_k)
     step = lambda: densecl.train_step(views, model_q, enc_k, queue, queue2, pk, pq, opt, scaler, 0.5, a, dtype, device)
     nets = (lambda: model_q(_cl(views[0], device)), lambda: enc_k(_cl(views[1], device)), pq)
-    return step, views[:1], views[1:], backbones.ResNetTrunk(args.arch), nets
+    return step, views[:1], views[1:], common.ResNetTrunk(args.arch), nets
 
 
 def setup_decon(args, device, dtype):
@@ -147,7 +101,7 @@ def setup_decon(args, device, dtype):
                                     scaler, weights, a, dtype, device)
     x = [_cl(v, device) for v in views]
     nets = (lambda: model_s(*x), lambda: teacher(*x), ps)  # the predictors (an MLP on a few slots) left out
-    return step, views, views, backbones.ResNetTrunk(args.arch), nets
+    return step, views, views, common.ResNetTrunk(args.arch), nets
 
 
 def setup_mcl(args, device, dtype):
@@ -164,8 +118,8 @@ def setup_mcl(args, device, dtype):
     model = _prepare(device, args, student, target)
     step = lambda: mcl.train_step(views, model, target, pt, po, 0.99, opt, scaler, weights, a, dtype, device)
     (c1, plan, _), (c2, _, _) = mcl.build_montages(views[:4], a.montages, a.tile_resize), mcl.build_montages(views[4:], a.montages, a.tile_resize)
-    floor_net = torch.nn.Sequential(backbones.ResNetTrunk(args.arch, pyramid=True))  # encoder + FPN: MCL's encoder
-    floor_net.append(backbones.FPN(floor_net[0].channels, 256))
+    floor_net = torch.nn.Sequential(common.ResNetTrunk(args.arch, pyramid=True))  # encoder + FPN: MCL's encoder
+    floor_net.append(common.FPN(floor_net[0].channels, 256))
     c1, c2 = _cl(c1, device), _cl(c2, device)
     nets = (lambda: model((c1, c2), plan), lambda: [target.forward_p5(c) for c in (c1, c2)], po)
     return step, [c1, c2], [c1, c2], floor_net, nets
@@ -187,7 +141,7 @@ def setup_adclr(args, device, dtype):
     model_s = torch.compile(student) if getattr(args, "compile", False) else student
     step = lambda: adclr.train_step((globals_, locals_, queries), model_s, teacher, centers, pt, ps, opt, scaler, sched,
                                     1, a, dtype, device)
-    vit = backbones.ViT(a.arch, a.patch_size, a.global_size)
+    vit = common.ViT(a.arch, a.patch_size, a.global_size)
     nets = (lambda: model_s(globals_, locals_, queries), lambda: teacher(globals_, (), queries), ps)
     return step, globals_ + locals_, globals_, vit, nets
 
@@ -296,7 +250,7 @@ def speed_one(args, method):
 def speed(args):
     rows = []
     for method in args.methods:
-        cmd = [sys.executable, __file__, "speed", "--one", "--methods", method, "--arch", args.arch, "--vit", args.vit,
+        cmd = [sys.executable, str(Path(__file__).with_name("bench.py")), "speed", "--one", "--methods", method, "--arch", args.arch, "--vit", args.vit,
                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--steps",
                str(args.steps), "--warmup", str(args.warmup), "--amp", args.amp]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -463,12 +417,11 @@ def loader_rates(folder, images, image_size, batch, workers, time_left=lambda: m
     import decon
     import mcl
     for i in range(images):
-        imagedata.synthetic_scene(i, size=image_size * 8 // 7)[0].save(f"{folder}/{i:05d}.jpg", quality=90)
-    files = imagedata.find_images(folder)
+        common.synthetic_scene(i, size=image_size * 8 // 7)[0].save(f"{folder}/{i:05d}.jpg", quality=90)
+    files = common.find_images(folder)
     a = adclr.get_args(["--global-size", str(image_size), *adclr_args])
-    import gpu_augment
-    pipelines = [("moco / densecl: 2 views", ("moco", "densecl"), imagedata.TwoViews(imagedata.moco_v2_augmentation(image_size))),
-                 ("--gpu-augment: decode only", tuple(f"{m} --gpu-augment" for m in METHODS), gpu_augment.DecodeOnly()),
+    pipelines = [("moco / densecl: 2 views", ("moco", "densecl"), common.TwoViews(common.moco_v2_augmentation(image_size))),
+                 ("--gpu-augment: decode only", tuple(f"{m} --gpu-augment" for m in METHODS), common.DecodeOnly()),
                  ("decon (slotcon): 2 crops + boxes", ("decon",), decon.TwoCropsWithOverlap(image_size, 0.08)),
                  ("mcl: 8 crops", ("mcl",), mcl.EightCrops(image_size)),
                  ("adclr: 2 + local crops + queries", ("adclr",), adclr.MultiCropWithQueries(a))]
@@ -477,8 +430,8 @@ def loader_rates(folder, images, image_size, batch, workers, time_left=lambda: m
         if time_left() <= 0:
             rows.append((name, methods, None))
             continue
-        collate = gpu_augment.pad_collate if isinstance(transform, gpu_augment.DecodeOnly) else None
-        loader = torch.utils.data.DataLoader(imagedata.ImageFiles(files, transform), batch_size=batch, num_workers=workers,
+        collate = common.pad_collate if isinstance(transform, common.DecodeOnly) else None
+        loader = torch.utils.data.DataLoader(common.ImageFiles(files, transform), batch_size=batch, num_workers=workers,
                                              shuffle=True, drop_last=True, collate_fn=collate)
         it = iter(loader)
         next(it)  # worker start-up is not throughput
@@ -499,21 +452,3 @@ def bench_data(args):
         with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:  # the JPEG files go with it
             for name, _, rate in loader_rates(folder, args.images, args.image_size, args.batch_size, w):
                 print(f"| {name} | {w} | {rate:.0f} |")
-
-
-if __name__ == "__main__":
-    args = get_args()
-    if args.command == "speed" and args.one:
-        print(json.dumps(speed_one(args, args.methods[0])))
-    elif args.command == "speed":
-        speed(args)
-    elif args.command == "loss":
-        bench_losses()
-    elif args.command == "data":
-        bench_data(args)
-    elif args.command == "gpu":
-        import bench_gpu
-        bench_gpu.gpu(args)
-    elif args.command == "quality":
-        import bench_quality
-        bench_quality.quality(args)

@@ -1,4 +1,4 @@
-"""`python bench.py quality`: the miniature reproduction, an instrument that can tell a trained
+"""`python benchmarks/bench.py quality`: the miniature reproduction, an instrument that can tell a trained
 encoder from a random one.
 
 Every method pre-trains on the synthetic scenes with the same budget of *images* (MCL's 8 crops
@@ -11,9 +11,9 @@ the same budget, the ViT for 4x (CEILING_X), through the probe's own head, then 
 the others). The encoders are also probed at 0, 25 and 50% of the budget (learning curves; the runs
 resume bit-exactly, so stopping for a probe changes nothing).
 
-    python bench.py quality --tier cpu --seeds 0 1 2     # about an hour per seed on 2 cores (README: its parts)
-    python bench.py quality --tier gpu --seeds 0 1 2     # 10x the budget, on a GPU
-    python bench.py quality --tier cpu-mono --seeds 0 1 2   # the CPU tier on scenes without colour
+    python benchmarks/bench.py quality --tier cpu --seeds 0 1 2     # about an hour per seed on 2 cores (README: its parts)
+    python benchmarks/bench.py quality --tier gpu --seeds 0 1 2     # 10x the budget, on a GPU
+    python benchmarks/bench.py quality --tier cpu-mono --seeds 0 1 2   # the CPU tier on scenes without colour
 
 Finished runs are kept and skipped; the table and quality.json are rebuilt from every finished run
 under --out (collect), so seeds can be added for some methods later: each row lists its seeds.
@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import common
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 
 # The budget of each tier: scene side, batch, images per pre-training, probe scenes, scene style.
 TIERS = {
@@ -148,7 +150,8 @@ def run(cmd, log):
     """Run a script to completion, its output into `log`; stop the benchmark on failure."""
     t = time.perf_counter()
     with open(log, "a") as f:
-        proc = subprocess.run([sys.executable, *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT)
+        script = ROOT / cmd[0]  # the method files and eval_dense.py, wherever the command is run from
+        proc = subprocess.run([sys.executable, str(script), *map(str, cmd[1:])], stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): python {' '.join(map(str, cmd))}\nlog: {log}")
     return time.perf_counter() - t
