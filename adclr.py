@@ -1,26 +1,32 @@
-"""ADCLR: patch-level contrasting without patch correspondence, on a DINO ViT.
+r"""ADCLR: patch-level contrasting without patch correspondence, on a DINO ViT.
 
 Paper: Zhang, Zhu, Zhao, Yan, "Patch-level Contrasting without Patch Correspondence for Accurate and
-Dense Contrastive Representation Learning", ICLR 2023, https://arxiv.org/abs/2306.13337. The paper
-links https://github.com/Sherrylone/Query_Contrastive, continued as
-https://github.com/Sherrylone/PQCL, whose README says it holds the code of ADCLR and of the follow-up
-PQCL (ICML 2023). That code implements PQCL; ADCLR appears there only as a commented-out call path.
-The paper is the authority; where it leaves a choice open, the choice is a flag (below).
+Dense Contrastive Representation Learning", ICLR 2023, https://arxiv.org/abs/2306.13337.
+
+The token layout of one global view (ViT-S/16, 224 px, Q = 10 queries of one token each, t = 1):
+
+    tokens:  [ CLS | 196 patches (14 x 14, with position) | 10 queries (no position) ]  = 207
+    mask (True = may attend), rows attend to columns:
+                   CLS + patches    queries
+    CLS + patches  yes              no          the image rows are blind to the queries:
+    queries        yes              own only    the DINO path is exactly DINO's
 
 Method. DINO (Caron et al. 2021): a student ViT and an EMA teacher ViT, each with a DINO head, see
 multi-crop views; the student's output distribution on every view must match the teacher's
 (centered, sharpened) distribution on the other global views. ADCLR adds Q *query patches*: random
-crops of the original image, embedded by the ViT's patch embedding *without* positional embedding
-and appended to both global views (student and teacher). A unidirectional attention mask lets image
-tokens attend to image tokens only (the DINO path is unchanged) and each query attend to the image
-tokens and to itself. Because a query carries no position, its output can only be matched across
+crops of the original image, each resized to one patch and embedded by the ViT's own patch
+embedding *without* positional embedding, appended to both global views (student and teacher),
+with the mask above. Because a query carries no position, its output can only be matched across
 views by its index: the student's i-th query output in view A must match the teacher's i-th query
-output in view B (a DINO loss with its own center). No parameters beyond DINO's.
+output in view B (a DINO loss through the same head, with its own center). Total loss = L_DINO +
+lambda·L_query, lambda = 1. No parameters beyond DINO's. With --query-size above the patch size a
+query crop is t = (size / patch)² tokens, so the query outputs are (2, B, Q·t, K).
 
 Launch:
     python adclr.py                                                 # ViT-S/16 recipe, synthetic data
-    python adclr.py --arch vit_micro --global-size 64 --local-size 32 --local-crops 2 --batch-size 32 \\
+    python adclr.py --arch vit_micro --global-size 64 --local-size 32 --local-crops 2 --batch-size 32 \
         --epochs 5 --synthetic-len 2048 --out-dim 4096 --lr 0.001  # CPU demo, a few minutes
+    python adclr.py --data /path/to/images                          # your images
     torchrun --nproc_per_node=8 adclr.py --data imagenet --batch-size 1024          # ViT-S/16
     torchrun --nproc_per_node=8 adclr.py --data imagenet --query-weight 0           # plain DINO
     python adclr.py ... --query-size 96 --query-augment local --query-target alone --queries-see-each-other
@@ -28,33 +34,37 @@ Launch:
 
 Reference results (abstract; not reproduced here): ViT-S/16 linear 77.5 (+0.5 over DINO); ViT-B/16
 linear 79.8, fine-tune 84.0; COCO Mask R-CNN 44.3 AP box / 39.7 AP mask; ADE20K +1.0 mIoU over
-SelfPatch.
+SelfPatch. Measured here: the miniature reproduction (docs/miniature.md,
+`python benchmarks/bench.py quality`).
 
-Measured here: see the README's miniature reproduction (`python bench.py quality`).
-
-Open choices. Defaults follow the paper as this project's method sheet states it; the alternatives
-are what the authors' PQCL code does (read for this file; its ADCLR path is commented out, so these
-are PQCL's choices for its query crops):
-- --num-queries 10 (paper); --query-scale 0.05 0.25 (area fraction of the image; DINO's local range).
-- --query-size: default the patch size, one token per query (paper); PQCL code: 96-px crops, 36
-  tokens each. Without --queries-see-each-other a query token attends to the image tokens and to
-  the tokens of its own crop.
-- --query-augment none (only resizing, bicubic); PQCL code: "local", DINO's local colour pipeline
-  (jitter 0.8, grayscale 0.2, blur 0.5).
-- --query-target cross-view (paper): the teacher's i-th query appended to the other global view;
-  PQCL code: "alone", the teacher encodes each query crop on its own as an image and its patch
-  tokens are the targets of both views.
-- --queries-see-each-other off (paper: a query sees the image and itself); PQCL code: on.
-- --query-weight (lambda) 1.0; the query loss uses the same DINO head as the CLS token, its own
-  center (momentum 0.9) and the same temperatures; queries are appended to the global views only.
-As DINO's code (read for this file): AdamW, lr 5e-4 x N/256 with 10 warm-up epochs, cosine to 1e-6;
-weight decay 0.04 -> 0.4; teacher temperature 0.04 -> 0.07 over 30 epochs; EMA 0.996 -> 1 after the
-optimizer step; per-parameter gradient clipping at 3.0 (0 = none); last layer frozen in epoch 1;
-stochastic depth 0.1 in the student only; a weight-normalised last layer (--norm-last-layer false
-learns its norm, as DINO's 300-epoch ViT-S/16 run); bicubic crops; DINO's positional-embedding
-interpolation. Deviations: the losses and centers are computed in fp32 outside autocast (DINO
+Deviations from DINO's code: the losses and centers are computed in fp32 outside autocast (DINO
 computes them under fp16 autocast); bf16 autocast by default on CUDA; --gpu-augment (off by
 default) makes the views on the device (MultiCropViews), bilinear instead of bicubic.
+
+Open choices. The paper is the authority; where it leaves a choice open, the default is the paper's
+reading and the alternative is what the authors' code does (below), as a flag:
+- --num-queries 10 (paper); --query-scale 0.05 0.25 (area fraction of the image; DINO's local range).
+- --query-size: default the patch size, one token per query (paper); authors' code: 96-px crops, 36
+  tokens each. Without --queries-see-each-other a query token attends to the image tokens and to
+  the tokens of its own crop.
+- --query-augment none (only resizing, bicubic); authors' code: "local", DINO's local colour
+  pipeline (jitter 0.8, grayscale 0.2, blur 0.5).
+- --query-target cross-view (paper): the teacher's i-th query appended to the other global view;
+  authors' code: "alone", the teacher encodes each query crop on its own as an image and its patch
+  tokens are the targets of both views.
+- --queries-see-each-other off (paper: a query sees the image and itself); authors' code: on.
+- --query-weight (lambda) 1.0; the query loss uses the same DINO head as the CLS token, its own
+  center (momentum 0.9) and the same temperatures; queries are appended to the global views only.
+
+Checked against: DINO's code (facebookresearch/dino, main_dino.py, utils.py, vision_transformer.py)
+for AdamW, lr 5e-4 x N/256 with 10 warm-up epochs, cosine to 1e-6; weight decay 0.04 -> 0.4; teacher
+temperature 0.04 -> 0.07 over 30 epochs; EMA 0.996 -> 1 after the optimizer step; per-parameter
+gradient clipping at 3.0 (0 = none); last layer frozen in epoch 1; stochastic depth 0.1 in the
+student only; a weight-normalised last layer (--norm-last-layer false learns its norm, as DINO's
+300-epoch ViT-S/16 run); bicubic crops; DINO's positional-embedding interpolation. ADCLR's own code
+was not released: the paper links github.com/Sherrylone/Query_Contrastive, continued as
+Sherrylone/PQCL, which implements the follow-up PQCL (ICML 2023) with ADCLR's path commented out;
+its query choices are the alternatives above.
 """
 import argparse
 import copy

@@ -12,18 +12,19 @@ Contents (one banner section each, in this order):
  3. Backbones                         ResNetTrunk (C2-C5), FPN, ViT (Attention, Block, drop_path), VIT_ARCHS
  4. Synthetic scenes                  synthetic_scene, SyntheticScenes, SYNTHETIC_CLASSES
  5. Image folders (--data presets)    add_data_args, build_pretrain_dataset, ImageFiles, open_rgb,
-                                      find_images, DATA_LAYOUTS
+                                      find_images, resolve_image_folders, default_data_root, DATA_LAYOUTS
  6. Augmentations on the CPU          moco_v2_augmentation, byol_augmentations, TwoViews, blur_kernel
- 7. Augmentations on the device       DecodeOnly, pad_collate (workers); crop_params, resized_crops,
-    (--gpu-augment)                   device_crops, device_colour, MoCoV2Views (device)
+ 7. Augmentations on the device       DecodeOnly, pad_collate (workers); device_images, crop_params,
+    (--gpu-augment)                   resized_crops, device_crops, device_colour, MOCO_COLOUR,
+                                      BYOL_COLOUR, MoCoV2Views (device)
  8. Loaders                           make_loader, ResumableSampler, SeededSamples
  9. Schedules, LARS, precision        cosine_schedule, momentum_schedule, LARS, lars_param_groups,
                                       amp_dtype, autocast, fp32, seed_everything
 10. Arguments                         split_batch, add_run_args, check_args, check_image_size
 11. Logging, stop signals, divergence progress, JsonLog, mean_over_ranks, catch_stop_signals,
                                       stop_requested, exit_on_signal, check_finite
-12. Output folder and checkpoints     prepare_output, save_checkpoint, resume, load_checkpoint,
-                                      save_downstream
+12. Output folder and checkpoints     prepare_output, save_checkpoint, resume, NEUTRAL_ARGS,
+                                      load_checkpoint, CheckpointError, save_downstream
 """
 import functools
 import json
@@ -430,7 +431,7 @@ def synthetic_scene(index, seed=0, size=224, instances=False, style="colour"):
     style "mono": no colour anywhere: a grey (128) background plus the same noise, every object dark
     (40) and light (215) grey in a random order. A pixel's grey tells figure from ground but not the
     class, and colour can no longer tell two scenes apart, so the instance pretexts have to use the
-    shapes (README, the miniature reproduction: the first scenes on which MoCo v2 rises in every seed).
+    shapes (docs/miniature.md: the first scenes on which MoCo v2 rises in every seed).
     """
     if style not in SCENE_STYLES:
         raise ValueError(f"unknown synthetic scene style {style!r}: use one of {', '.join(SCENE_STYLES)}")

@@ -1,4 +1,4 @@
-"""DeCon: joint encoder-decoder contrastive pre-training, over SlotCon (the paper's headline).
+r"""DeCon: joint encoder-decoder contrastive pre-training, over SlotCon (the paper's headline).
 
 Paper: Quetin, Ghosh, Maleki, "Beyond the Encoder: Joint Encoder-Decoder Contrastive Pre-Training
 Improves Dense Prediction", 2025, https://arxiv.org/abs/2503.17526. Official code:
@@ -6,54 +6,74 @@ https://github.com/sebquetin/DeCon (a fork of SlotCon: https://github.com/CVMI-L
 
 Method. A decoder (an FPN over C2-C5, or an FCN on C5) is attached to the encoder during
 pre-training and gets its own contrastive loss, computed by heads that are fully separate from the
-encoder's (own projector, prototypes, predictor and center). The total is
-alpha·L_encoder + (1 - alpha)·L_decoder: the two objectives do not compete for the same heads, and
-both gradients reach the shared encoder. DeCon-SL supervises the FPN's P2 only; DeCon-ML
-(--deep-supervision) supervises P2-P5, each with its own heads, and averages the decoder loss over
-levels. --decoder none is plain SlotCon, the paper's baseline. DeCon over DenseCL, the paper's
-other framework, is decon_densecl.py.
+encoder's: the two objectives do not compete for the same heads, and both gradients reach the
+shared encoder. DeCon-SL supervises the FPN's P2 only; DeCon-ML (--deep-supervision) supervises
+P2-P5, each with its own heads. --decoder none is plain SlotCon, the paper's baseline; DeCon over
+DenseCL, the paper's other framework, is decon_densecl.py.
 
-SlotCon (Wen et al., NeurIPS 2022, https://arxiv.org/abs/2205.15288): per-pixel projections are
-softly assigned to K learnable prototypes; a student learns to predict the EMA teacher's
-(centered, sharpened) assignment of the other view on the two crops' overlap (group loss), and the
-prototype-pooled "slots" of the two views are contrasted (slot InfoNCE, negatives: all valid
-teacher slots of the global batch).
+SlotCon (Wen et al., NeurIPS 2022, https://arxiv.org/abs/2205.15288), the loss of every head:
+per-pixel projections are softly assigned to K learnable prototypes; the student predicts the EMA
+teacher's centered, sharpened assignment of the other view on the two crops' overlap (group loss);
+the prototype-pooled "slots" of the two views are contrasted (slot InfoNCE). The whole loss, both
+directions (A, B) = (1, 2) and (2, 1) summed:
+
+    L = sum_h a_h · [ w_h · sum_(A,B) CE(student_A, teacher_B)        the group loss, per overlap pixel
+                      + (1 - w_h) · sum_(A,B) 2·tau · InfoNCE_tau(predictor(student slots_A), teacher slots_B) ]
+
+    heads h: the encoder's (on C5), then the decoder's (FPN P2, P2-P5 with --deep-supervision, or
+    the FCN's output); a = alpha for the encoder head, (1 - alpha) / levels for each decoder head:
+    DeCon-SL [0.5, 0.5], DeCon-ML [0.5, 0.125, 0.125, 0.125, 0.125], --decoder none [1];
+    w_h = 0.5 (--group-loss-weight; --decoder-group-loss-weight for the decoder heads, default the
+    same), tau = 0.2 (--slot-temp), student / teacher temperatures 0.1 / 0.07.
+
+The modules:
+    student    encoder (+ decoder), and per head a projector and K prototypes   trained by the gradient
+    teacher    EMA(student), momentum 0.99 -> 1 (cosine), updated before its forward   no gradient
+    predictors one slot predictor MLP per head, student side only                      trained
+    centers    one per head: EMA (0.9) of the teacher's mean assignment scores          buffers
+There is no queue: a student slot's negatives are the valid teacher slots of the global batch.
+
+Shapes per GPU at the paper's COCO run (8 GPUs x 64 images, 224 px, ResNet-50, K = 256, DeCon-SL):
+views (64, 3, 224, 224) x 2; encoder head: C5 (64, 2048, 7, 7) -> projection (64, 256, 7, 7) ->
+scores (64, 256, 7, 7); decoder head: P2 (64, 256, 56, 56) -> projection (64, 256, 56, 56) ->
+scores (64, 256, 56, 56); slots (64, 256, 256) per view and head.
 
 Launch:
     python decon.py                                              # DeCon-SL over SlotCon, COCO recipe, synthetic data
-    python decon.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 --synthetic-len 2048 \\
+    python decon.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 --synthetic-len 2048 \
         --dim-hidden 1024 --lr 0.5                                # CPU demo, a few minutes
+    python decon.py --data /path/to/images                       # your images
     torchrun --nproc_per_node=8 decon.py --data coco             # DeCon-SL (FPN, P2), 800 epochs
     torchrun --nproc_per_node=8 decon.py --data coco --deep-supervision --skip-channel-dropout 0.5   # DeCon-ML
     torchrun --nproc_per_node=8 decon.py --data coco --decoder fcn            # FCN decoder
     torchrun --nproc_per_node=8 decon.py --data coco --decoder none           # plain SlotCon (the baseline)
 
-Reference results (abstract; ResNet-50 pre-trained on COCO, vs the framework without decoder):
-COCO det +0.37 AP, COCO inst seg +0.32 AP, VOC seg +1.42 mIoU, Cityscapes +0.50 mIoU. SlotCon's own
-COCO 800 ep baseline: Mask R-CNN 41.0 AP box / 37.0 AP mask. Not reproduced here.
-
-Measured here: see the README's miniature reproduction (`python bench.py quality`).
-
-As SlotCon's code (read for this file): the teacher EMA before the teacher's forward, momentum
-cosine 0.99 -> 1 by iteration; SlotCon's LARS (biases and norm parameters excluded); warm-up from
-lr/100; the ResNet's last BN gamma of every residual block zeroed; SyncBN under DDP for every
-network. The DeCon repository itself was not available to this project: what is said below of it
-comes from the project's review of that code, not from a reading here.
+Reference results (abstract; ResNet-50 pre-trained on COCO, vs the framework without decoder; not
+reproduced here): COCO det +0.37 AP, COCO inst seg +0.32 AP, VOC seg +1.42 mIoU, Cityscapes +0.50
+mIoU. SlotCon's own COCO 800 ep baseline: Mask R-CNN 41.0 AP box / 37.0 AP mask. Measured here:
+the miniature reproduction (docs/miniature.md, `python benchmarks/bench.py quality`).
 
 Deviations from the official code:
-- Two defects of the public DeCon code are not reproduced: the teacher momentum advances once per
-  iteration (the public code advances its counter in both the encoder and the decoder EMA update,
-  so the schedule ran twice as fast with a decoder), and the teacher decoder prototypes are
-  EMA-updated like the encoder's (the public code left them at their initial values).
+- Two defects of the DeCon code are not reproduced: the teacher momentum advances once per
+  iteration (that code advances its counter in both the encoder and the decoder EMA update, so the
+  schedule ran twice as fast with a decoder), and the teacher decoder prototypes are EMA-updated
+  like the encoder's (that code leaves them at their initial values).
 - The second crop is re-drawn until it overlaps the first by at least 1% of its area; after 10
-  tries it falls back to the first crop's box (the official code then falls back to an unconstrained
-  crop, whose overlap box can be empty).
-- A rank whose views leave fewer than two valid slots skips the slot loss (the official code has no
-  guard: it would compute a loss over an empty set). With SyncBN the predictor then still runs, on
-  whatever rows the rank has, so that every rank joins its collectives.
+  tries it falls back to the first crop's box (SlotCon then falls back to an unconstrained crop,
+  whose overlap box can be empty).
+- Fewer than two valid slots in both views skip the slot loss for the step (SlotCon has no guard: it
+  would compute a loss over an empty set): counted per rank without SyncBN; with SyncBN (CUDA, DDP)
+  over all ranks, and every rank runs the predictor, so that every rank joins its collectives.
 - The losses run in fp32 outside autocast (SlotCon computes them under fp16 autocast).
 - --gpu-augment (off by default): the views on the device (OverlappingViews), the same
   distribution with bilinear instead of bicubic crops.
+
+Checked against SlotCon's code (CVMI-Lab/SlotCon: models, utils/lars.py, the lr scheduler) and the
+DeCon authors' code (their SlotCon fork with decoder_q / decoder_k, FPN and FCN decoders): the
+teacher EMA before the teacher's forward, momentum cosine 0.99 -> 1 by iteration; SlotCon's LARS
+(biases and norm parameters excluded); warm-up from lr/100; the ResNet's last BN gamma of every
+residual block zeroed; SyncBN under DDP for every network; the decoder projector as wide as the
+encoder's; the decoder levels' losses averaged.
 """
 import argparse
 import copy

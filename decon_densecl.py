@@ -1,4 +1,4 @@
-"""DeCon over DenseCL: DenseCL's encoder losses plus a decoder with its own dense contrastive loss.
+r"""DeCon over DenseCL: DenseCL's encoder losses plus a decoder with its own dense contrastive loss.
 
 Paper: Quetin, Ghosh, Maleki, "Beyond the Encoder: Joint Encoder-Decoder Contrastive Pre-Training
 Improves Dense Prediction", 2025, https://arxiv.org/abs/2503.17526. Official code:
@@ -14,8 +14,9 @@ L_decoder (mean over decoder levels), alpha = 0.5: the objectives do not share h
 gradients reach the shared encoder. --decoder none is DenseCL itself, in this file's code.
 
 Launch:
-    python decon_densecl.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 --synthetic-len 2048 \\
+    python decon_densecl.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 --synthetic-len 2048 \
         --queue-size 4096                                              # CPU demo, a few minutes
+    python decon_densecl.py --data /path/to/images                     # your images
     torchrun --nproc_per_node=8 decon_densecl.py --data coco            # 800 epochs, lr 0.3 x N/256
     torchrun --nproc_per_node=8 decon_densecl.py --data coco --deep-supervision --skip-channel-dropout 0.5
     torchrun --nproc_per_node=8 decon_densecl.py --data coco --decoder none   # the DenseCL baseline
@@ -24,18 +25,17 @@ Reference results (abstract; the DenseCL and SlotCon versions are reported toget
 +0.37 AP, COCO inst seg +0.32 AP, VOC seg +1.42 mIoU, Cityscapes +0.50 mIoU over the framework
 without decoder. Not reproduced here.
 
-As densecl.py (read its docstring): the key encoder is an EMA (m = 0.999, before the keys are
-computed), shuffle BN under DDP (emulated in one process with --bn-splits, as densecl.py), queues
+Deviations and choices: the losses run in fp32 outside autocast; --gpu-augment as densecl.py. This
+file's own choices, where neither DenseCL's code nor decon.py's decides: the decoder's dense heads
+are DenseCL's dense head at the decoder's width (256), each with its own queue of pooled keys; the
+decoder runs in the key encoder too (shuffle BN applies to the whole network); downstream gets the
+query encoder and decoder, as DenseCL's conversion.
+
+Checked against DenseCL's code as densecl.py is (read its docstring): the key encoder is an EMA
+(m = 0.999, before the keys are computed), shuffle BN under DDP (emulated in one process with --bn-splits, as densecl.py), queues
 of 65536 with one pooled dense key per image, T = 0.2, lambda = 0.5, MoCo v2 augmentation, SGD lr
 0.03 x N/256 (0.3 on COCO) cosine per epoch, OpenSelfSup init. The decoder is built as decon.py's
 (detectron2's c2_xavier_fill for the FPN convs).
-
-Deviations and choices: the DeCon code for its DenseCL version was not available to this project;
-what is not DenseCL's or decon.py's is this file's choice: the decoder's dense heads are DenseCL's
-dense head at the decoder's width (256), each with its own queue of pooled keys; the decoder runs
-in the key encoder too (shuffle BN applies to the whole network); downstream gets the query
-encoder and decoder, as DenseCL's conversion. The losses run in fp32 outside autocast.
---gpu-augment: as densecl.py.
 """
 import argparse
 import copy

@@ -1,50 +1,56 @@
-"""DenseCL: dense contrastive learning, MoCo v2 plus a pixel-level InfoNCE between matched locations.
+r"""DenseCL: dense contrastive learning, MoCo v2 plus a pixel-level InfoNCE between matched locations.
 
 Paper: Wang, Zhang, Shen, Kong, Li, "Dense Contrastive Learning for Self-Supervised Visual
 Pre-Training", CVPR 2021, https://arxiv.org/abs/2011.09157. Official code:
-https://github.com/WXinlong/DenseCL (openselfsup/models/densecl.py, necks.py DenseCLNeck).
+https://github.com/WXinlong/DenseCL.
 
 Method. MoCo v2 with a second, dense projection head on the C5 map. For every location of the
-query view, the location of the key view it corresponds to is the one whose *backbone* feature is
-most similar (argmax cosine over the S x S grid); the query's dense embedding must pick that key's
-dense embedding out of a second queue of negatives, which holds one average-pooled dense key per
-earlier image. The global (MoCo) and dense losses are averaged with lambda = 0.5. Everything is
-batched: one bmm for all similarities, one gather for all matches.
+query view, the matching location of the key view is the one whose *backbone* feature is most
+similar (argmax cosine over the S x S grid); the query's dense embedding must pick that key's dense
+embedding out of a second queue of negatives (queue2). Loss = (1 - lambda)·L_global + lambda·L_dense,
+lambda = 0.5, both InfoNCE at T = 0.2 (Eq. 2-4). Everything is batched: one einsum for all
+similarities, one gather for all matches.
+- queue2 is a queue of its own because its keys live in another embedding space: the dense head's,
+  not the global MLP's. It holds one key per earlier image, the key view's dense grid
+  average-pooled and normalised: a negative must come from *another* image (pixels of one image are
+  too alike), and 49 keys per image would flush the queue 49 times faster.
+- Shuffle BN (as MoCo): BatchNorm statistics are computed over a batch, so a key's features carry
+  a trace of its batch-mates, and a query could find its positive by that trace. The key images are
+  shuffled across processes before the key encoder and put back after, so a key never shares its
+  BatchNorm batch with its query.
+
+Shapes per GPU in the paper's run (8 GPUs x 32 images, 224 px, ResNet-50):
+
+    im_q, im_k       (32, 3, 224, 224)    the two views
+    q_feat, k_feat   (32, 2048, 49)       C5 (32, 2048, 7, 7) flattened: S² = 49 locations
+    q, k             (32, 128)            global embeddings, MoCo v2's MLP head
+    q_grid, k_grid   (32, 128, 49)        dense embeddings (1x1-conv head)
+    similarity       (32, 49, 49)         cosine of every query location with every key location
+    match            (32, 49)             the key location matched to each query location
+    q_flat, k_flat   (1568, 128)          B·S² dense queries and their matched keys
+    queue, queue2    (128, 65536) each    global keys / pooled dense keys of earlier images
+    dense logits     (1568, 1 + 65536)    never stored: QueueInfoNCE streams the queue
 
 Launch:
     python densecl.py                                         # ImageNet recipe, synthetic data
-    python densecl.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 \\
+    python densecl.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 \
         --synthetic-len 2048 --queue-size 4096                # CPU demo, a few minutes
+    python densecl.py --data /path/to/images                  # your images, ImageNet recipe
     torchrun --nproc_per_node=8 densecl.py --data imagenet    # 200 epochs, lr 0.03 x N/256
     torchrun --nproc_per_node=8 densecl.py --data coco        # 800 epochs, lr 0.3 x N/256
-
-Reference results (DenseCL README, not reproduced here): COCO 800 ep -> VOC det AP 56.7, VOC seg
-mIoU 67.5 (MoCo v2 in the same setting: 54.7 / 64.5); ImageNet 200 ep -> VOC det AP 58.7, VOC seg
-69.4. Over MoCo v2: +2.0 AP VOC det, +1.1 AP COCO det, +0.9 AP COCO mask, +3.0 mIoU VOC seg.
-
-Measured here: see the README's miniature reproduction (`python bench.py quality`).
 
 Expected behaviour: both losses rise for the first few hundred steps while the queues fill with
 real keys, then fall.
 
-Why the dense negatives are pooled: a negative must come from *another* image. Pixels of one image
-are too alike (neighbours would be treated as negatives of each other) and 49 keys per image would
-flush a 65536-key queue 49 times faster, so queue2 keeps one average-pooled dense key per earlier
-image, as the official code.
-
-Shuffle BN (multi-process): the key encoder's BatchNorm would otherwise see the positive key's
-batch-mates, whose statistics leak which keys come from the same batch as the query, a shortcut
-for the InfoNCE. Under torchrun the key images are shuffled across processes before the key
-encoder and unshuffled after it, as MoCo.
-
-As the official code: the backbone has OpenSelfSup's ResNet init (kaiming normal, fan_in); the
-neck's Linears kaiming fan_in with zero bias, its 1x1 convs PyTorch's default init.
+Reference results (DenseCL README, not reproduced here): COCO 800 ep -> VOC det AP 56.7, VOC seg
+mIoU 67.5 (MoCo v2 in the same setting: 54.7 / 64.5); ImageNet 200 ep -> VOC det AP 58.7, VOC seg
+69.4. Measured here: the miniature reproduction (docs/miniature.md, `python benchmarks/bench.py quality`).
 
 Deviations from the official code:
 - One process: shuffle BN emulated as moco.py does (--bn-splits groups of the batch, each with its
   own BatchNorm statistics, the key batch shuffled across them; default 8 = the paper's 8 GPUs);
-  the official model shuffles through torch.distributed in every step, so it runs under DDP only.
-  --bn-splits 1: one BatchNorm over the batch.
+  the official model shuffles through torch.distributed, so it runs under DDP only. --bn-splits 1:
+  one BatchNorm over the batch.
 - Queues are written with modular indices, so the global batch need not divide the queue size (it
   must not exceed it).
 - bf16 autocast by default on CUDA (the official code trains in fp32); --amp fp32 restores it. The
@@ -52,8 +58,14 @@ Deviations from the official code:
 - --data coco / coco+ select the COCO recipe (lr 0.3 x N/256, 800 epochs) unless --lr / --epochs
   are given; every other --data uses the ImageNet recipe (lr 0.03 x N/256, 200 epochs).
 - --gpu-augment (off by default): the same augmentation distribution computed on the device
-  (common.py, section 7), not the same pixels: roi_align's box filter where PIL shrinks with a triangle,
-  float colour ops where PIL rounds to uint8 after each, images above --max-side shrunk first.
+  (common.py, section 7), not the same pixels.
+
+Checked against the official code (openselfsup/models/densecl.py, necks.py DenseCLNeck, the
+configs): the backbone has OpenSelfSup's ResNet init (kaiming normal, fan_in); the neck's Linears
+kaiming fan_in with zero bias, its 1x1 convs PyTorch's default init; matching on the normalised
+backbone features; queue2 filled with the pooled, normalised dense keys; the lr a cosine stepped
+per epoch (OpenSelfSup's CosineAnnealing, by epoch, to 0); --dense-warmup-iters (lambda = 0 for
+the first iterations) off, as in the released configs.
 """
 import argparse
 import copy
@@ -202,11 +214,30 @@ def match_locations(q_feat, k_feat):
     return similarity.argmax(dim=2)  # (B, S²)
 
 
+@common.fp32
+def dense_loss(q_grid, k_grid, match, queue, temperature):
+    """DenseCL's dense InfoNCE (Eq. 2-3).
+
+    q_grid: (B, D, S²) L2-normalised dense query embeddings.
+    k_grid: (B, D, S²) L2-normalised dense key embeddings.
+    match:  (B, S²) key location matched to each query location.
+    queue:  (D, K) negatives: average-pooled, normalised dense keys of earlier images.
+    Equal to infonce(q_flat, k_flat, queue, T), computed by QueueInfoNCE (below) without the logits.
+    """
+    B, D, S2 = q_grid.shape
+    k_matched = torch.gather(k_grid, 2, match.unsqueeze(1).expand(B, D, S2))  # (B, D, S²)
+    q_flat = q_grid.transpose(1, 2).reshape(B * S2, D)  # (B·S², D)
+    k_flat = k_matched.transpose(1, 2).reshape(B * S2, D)  # (B·S², D)
+    return QueueInfoNCE.apply(q_flat, k_flat, queue, temperature)
+
+
+# ---- Speed only: QueueInfoNCE is infonce(q, k, queue, T) with the same value and gradient (tests/test_densecl.py),
+# ---- computed without storing the (B·S², 1 + K) logits. Read infonce above for the math.
 class QueueInfoNCE(torch.autograd.Function):
     """infonce(q, k, queue, T) with the same value and gradient, without storing the (M, K) logits.
 
     The dense loss has M = B·S² queries (392 x 65536 logits at B = 8): writing that matrix and running
-    a softmax over it costs more than the matmul itself (bench.py loss). Here the queue is read in
+    a softmax over it costs more than the matmul itself (benchmarks/bench.py loss). Here the queue is read in
     chunks that stay in cache, and the gradient is accumulated on the way. q and the keys are unit
     vectors, so no logit exceeds 1/T and exp(l - 1/T) cannot overflow: no running max is needed.
     Gradient of the mean loss: d/dq = (sum_j p_j x_j - k) / (T·M), p = softmax over [k, queue].
@@ -235,22 +266,6 @@ class QueueInfoNCE(torch.autograd.Function):
     def backward(ctx, grad):
         (grad_q,) = ctx.saved_tensors
         return grad * grad_q, None, None, None, None
-
-
-@common.fp32
-def dense_loss(q_grid, k_grid, match, queue, temperature):
-    """DenseCL's dense InfoNCE (Eq. 2-3).
-
-    q_grid: (B, D, S²) L2-normalised dense query embeddings.
-    k_grid: (B, D, S²) L2-normalised dense key embeddings.
-    match:  (B, S²) key location matched to each query location.
-    queue:  (D, K) negatives: average-pooled, normalised dense keys of earlier images.
-    """
-    B, D, S2 = q_grid.shape
-    k_matched = torch.gather(k_grid, 2, match.unsqueeze(1).expand(B, D, S2))  # (B, D, S²)
-    q_flat = q_grid.transpose(1, 2).reshape(B * S2, D)  # (B·S², D)
-    k_flat = k_matched.transpose(1, 2).reshape(B * S2, D)  # (B·S², D)
-    return QueueInfoNCE.apply(q_flat, k_flat, queue, temperature)
 
 
 # =================================================================================================
@@ -327,7 +342,7 @@ def main(argv=None):
     if world == 1:  # per-group BatchNorm statistics, as the official code's per-GPU ones
         common.split_batchnorm(encoder_q, args.bn_splits)
     encoder_q = encoder_q.to(device)
-    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # starts equal to the query encoder
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # a copy after the split: its BatchNorms are split too
     queue, queue2 = Queue(args.dim, args.queue_size).to(device), Queue(args.dim, args.queue_size).to(device)
     if device.type == "cuda":
         encoder_q.to(memory_format=torch.channels_last)

@@ -29,7 +29,7 @@ MCL and DINO/ADCLR, or a plain state dict (weights.py lists the layouts). Every 
 must be found. Nothing is downloaded. --export writes detectron2, torchvision or timm files.
 
 Data (--data): synthetic (default; 9 classes incl. background), voc, cityscapes, ade20k; see the
-README for layouts. Metrics: mIoU, per-class IoU and pixel accuracy from a confusion matrix summed
+docs/downstream.md for layouts. Metrics: mIoU, per-class IoU and pixel accuracy from a confusion matrix summed
 over all ranks, written to <output-dir>/metrics.json. Pictures: <output-dir>/predictions.png
 (image / ground truth / prediction / PCA of the features) for the first validation images.
 

@@ -8,18 +8,23 @@ Method. Every image is cropped 8 times (4 crops per branch, BYOL's asymmetric au
 each branch, crop l is shrunk by a ratio r in {1, 2, 4, 8} and pasted as a tile into r x r grid
 "montages" of the full input size, tiles assigned to grid cells by a random permutation. A tile of
 ratio r then covers exactly one 7 x 7 window of the FPN map whose stride matches its scale (r = 1:
-P5, 2: P4, 4: P3, 8: P2). A region head (4 convs, pooling, MLP) embeds every window; a predictor
-per ratio maps it to the embedding space of the EMA target network's full-image embedding (P5) of
-the *other* branch, and an InfoNCE over the global batch asks each tile to identify its source
-image. The montage teaches scale-aware, position-aware features at every pyramid level, which
-transfer to detectors (the FPN and the head's convs are exported too).
+P5, 2: P4, 4: P3, 8: P2). A region head (4 convs, pooling, MLP) embeds every window, and a
+predictor per ratio maps it into the target space. The positive of every tile is the EMA target
+network's P5 embedding of the *other* branch's ratio-1 crop of the same source image (the full
+224-px view, not the tile's own crop); the negatives are the other images' targets over the global
+batch: an InfoNCE (T = 1.0, multiplied by 2T as the official head, so that T sets the softmax's
+sharpness and not the gradient's scale) asks each tile to identify its source image. Level
+weights 1/2, 1/4, 1/8, 1/8; both branches summed. There is no queue. The montage teaches
+scale-aware, position-aware features at every pyramid level, which transfer to detectors (the FPN
+and the head's convs are exported too).
 
 Vocabulary: "ratio" r is the shrink factor of a tile; "P2-P5" are FPN maps; "level l" indexes
 RATIOS (l = 0 is the full image, l = 3 ratio 8): one predictor, loss weight and montage count each.
 
 Montage rule, per process batch B: montages per ratio [B, B/4, B/16, B/32] (the official config's
-[128, 32, 8, 4] at B = 128), so ratios 1-4 hold B tiles and ratio 8 holds 2B: every image appears
-once per ratio, twice at ratio 8. Slot s of a ratio shows image perm[s] mod B; ratio 1 is the batch
+[128, 32, 8, 4] at B = 128), so ratios 1-4 hold B tiles and ratio 8 holds 2B: an 8 x 8 montage has
+64 slots, and the official count of B/32 montages fills 2B of them, so every image appears once per
+ratio and twice at ratio 8. Slot s of a ratio shows image perm[s] mod B; ratio 1 is the batch
 itself, in order. B must be a multiple of 32. Worked shapes for B = 32 at 224 px (window side =
 tile / stride = (224 / r) / (32 / r) = 7 at every ratio):
 
@@ -33,22 +38,12 @@ Launch:
     python mcl.py                                                    # ImageNet recipe, synthetic data
     python mcl.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 --synthetic-len 2048 --lr 0.5   # CPU demo
     python mcl.py ... --save-montage montage.png                     # draw one montage per ratio and exit
+    python mcl.py --data /path/to/images                             # your images
     torchrun --nproc_per_node=8 mcl.py --data imagenet --batch-size 4096
 
 Reference results (abstract; not reproduced here): Mask R-CNN R50-FPN 1x on COCO 42.5 AP box /
-38.3 AP mask after 100 ImageNet epochs, +4.0 / +3.1 over MoCo.
-
-Measured here: see the README's miniature reproduction (`python bench.py quality`).
-
-As the official code (checked against it with the same weights and inputs, see tests/test_mcl.py):
-the online network runs once per branch and the region head and predictors once per (branch,
-level), so every BatchNorm sees the batches the official code gives it; by default the head embeds
-*every* window of every montage at each FPN map, as the official neck does, and the scored ones are
-sliced out. The target runs once per branch on all of that branch's montages (its BatchNorm sees
-them all), through the P5 path only: it uses nothing else. Tiles are shrunk with F.interpolate's
-default (nearest). LR: cosine over the whole run, multiplied during warm-up by a linear ramp from
-1e-4; OpenSelfSup's LARS (lr inside the momentum) with the official parameter groups; the EMA
-update follows the optimizer step; inits as the official code.
+38.3 AP mask after 100 ImageNet epochs, +4.0 / +3.1 over MoCo. Measured here: the miniature
+reproduction (docs/miniature.md, `python benchmarks/bench.py quality`).
 
 Deviations from the official code:
 - --head-windows used runs the region head on the scored windows only: 4.51 instead of 9.41 TFLOP
@@ -59,6 +54,16 @@ Deviations from the official code:
   --amp fp16); the losses are computed in fp32 outside autocast.
 - --gpu-augment (off by default): the eight crops on the device (EightCropViews), the
   same distribution, not the same pixels.
+
+Checked against the official code (tests/test_mcl.py runs a re-statement of its forward on the same
+weights and inputs): the online network runs once per branch and the region head and predictors
+once per (branch, level), so every BatchNorm sees the batches the official code gives it; by default the head embeds
+*every* window of every montage at each FPN map, as the official neck does, and the scored ones are
+sliced out. The target runs once per branch on all of that branch's montages (its BatchNorm sees
+them all), through the P5 path only: it uses nothing else. Tiles are shrunk with F.interpolate's
+default (nearest). LR: cosine over the whole run, multiplied during warm-up by a linear ramp from
+1e-4; OpenSelfSup's LARS (lr inside the momentum) with the official parameter groups; the EMA
+update follows the optimizer step; inits as the official code.
 """
 import argparse
 import copy
@@ -73,7 +78,7 @@ import torch.nn.functional as F
 import common
 
 RATIOS = (1, 2, 4, 8)  # level l shrinks its crop by RATIOS[l]
-FPN_MAP = {1: 3, 2: 2, 4: 1, 8: 0}  # ratio -> index in [P2, P3, P4, P5]: the map whose stride fits the tile
+FPN_MAP = {1: 3, 2: 2, 4: 1, 8: 0}  # ratio -> index into the FPN outputs [P2, P3, P4, P5]: stride 32 / r fits the tile
 
 
 # =================================================================================================

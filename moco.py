@@ -1,4 +1,4 @@
-"""MoCo v2: momentum contrast with an MLP head and stronger augmentation, the baseline.
+r"""MoCo v2: momentum contrast with an MLP head and stronger augmentation, the baseline.
 
 Paper: Chen, Fan, Girshick, He, "Improved Baselines with Momentum Contrastive Learning", 2020,
 https://arxiv.org/abs/2003.04297 (MoCo: He et al., CVPR 2020, https://arxiv.org/abs/1911.05722).
@@ -8,20 +8,29 @@ Method. A query encoder (ResNet + 2-layer MLP head) embeds one augmented view; a
 exponential moving average of the query encoder, embeds another view of the same image. The query
 must pick its own key out of a queue of 65536 keys from earlier batches (InfoNCE, T = 0.2). The
 queue decouples the number of negatives from the batch size; the slowly moving key encoder keeps
-the queued keys consistent. Shuffle BN hides which samples share a batch from BatchNorm.
+the queued keys consistent. Shuffle BN: BatchNorm statistics are computed over a batch, so a key's
+features carry a trace of its batch-mates, a shortcut to its query; the key images are shuffled
+across processes before the key encoder, so a key never shares its BatchNorm batch with its query.
+
+Shapes per GPU in the paper's run (8 GPUs x 32 images, 224 px, ResNet-50):
+
+    im_q, im_k    (32, 3, 224, 224)    the two views
+    q, k          (32, 128)            L2-normalised embeddings
+    queue         (128, 65536)         keys of earlier batches, all ranks
+    logits        (32, 1 + 65536)      [q·k | q·queue] / T, the positive in column 0
 
 Launch:
     python moco.py                                        # paper recipe, synthetic data, 1 process
-    python moco.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 \\
+    python moco.py --arch resnet18 --image-size 64 --batch-size 32 --epochs 5 \
         --synthetic-len 2048 --queue-size 4096            # CPU demo, a few minutes
+    python moco.py --data /path/to/images                 # your images
     torchrun --nproc_per_node=8 moco.py --data imagenet   # the paper's 200-epoch ImageNet run
     torchrun --nproc_per_node=8 moco.py --data coco --epochs 800 --lr 0.3   # DenseCL's COCO baseline
 
 Reference results (paper / DenseCL README, not reproduced here): ResNet-50, ImageNet 200 ep,
 linear top-1 67.5; VOC07+12 Faster R-CNN C4 AP50/AP/AP75 82.4/57.0/63.6. COCO 800 ep
-pre-training: VOC det AP 54.7, VOC seg mIoU 64.5.
-
-Measured here: see the README's miniature reproduction (`python bench.py quality`).
+pre-training: VOC det AP 54.7, VOC seg mIoU 64.5. Measured here: the miniature reproduction
+(docs/miniature.md, `python benchmarks/bench.py quality`).
 
 Deviations from the official code:
 - One process: shuffle BN is emulated as in the official repository's Colab demo
@@ -35,8 +44,11 @@ Deviations from the official code:
 - bf16 autocast by default on CUDA (the official code trains in fp32); --amp fp32 restores it. The
   loss runs in fp32 outside autocast.
 - --gpu-augment (off by default): the same augmentation distribution computed on the device
-  (common.py, section 7), not the same pixels: roi_align's box filter where PIL shrinks with a triangle,
-  float colour ops where PIL rounds to uint8 after each, images above --max-side shrunk first.
+  (common.py, section 7), not the same pixels.
+
+Checked against the official code (main_moco.py, moco/builder.py): torchvision's ResNet init; the
+MLP head without BN; the key encoder updated before the keys are computed; the queue's random unit
+init; the lr cosine stepped per epoch.
 """
 import argparse
 import copy
@@ -224,7 +236,7 @@ def main(argv=None):
     if world == 1:  # per-group BatchNorm statistics, as the official code's per-GPU ones
         common.split_batchnorm(encoder_q, args.bn_splits)
     encoder_q = encoder_q.to(device)
-    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # starts equal to the query encoder
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # a copy after the split: its BatchNorms are split too
     queue = Queue(args.dim, args.queue_size).to(device)
     if device.type == "cuda":
         encoder_q.to(memory_format=torch.channels_last)

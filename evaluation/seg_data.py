@@ -1,6 +1,6 @@
 """Segmentation data for eval_dense.py: the VOC, Cityscapes, ADE20K and synthetic layouts, the
 protocols' training augmentation (random scale, class-balanced crop, flip, photometric distortion)
-and test-time resize, and the padded validation batches. eval_dense.py's docstring and the README
+and test-time resize, and the padded validation batches. eval_dense.py's docstring and docs/downstream.md
 say which protocol each dataset follows and where this deviates from it."""
 from pathlib import Path
 
@@ -85,7 +85,7 @@ class SegFiles(Dataset):
 
     def __init__(self, pairs, lut, transform):
         if not pairs:
-            raise FileNotFoundError("no image/label pairs found: check the layout in the README")
+            raise FileNotFoundError("no image/label pairs found: check the layout in docs/downstream.md")
         self.pairs, self.lut, self.transform = pairs, lut, transform
 
     def __len__(self):

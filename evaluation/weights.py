@@ -86,7 +86,7 @@ def load_init(init):
         path = path / "downstream.pth"
     if not path.exists():
         raise FileNotFoundError(f"--init {init}: {path} does not exist. Give a run folder (with downstream.pth), "
-                                f"a downstream.pth, an official checkpoint (README: Use the authors' weights) or 'random'.")
+                                f"a downstream.pth, an official checkpoint (docs/downstream.md: Use the authors' weights) or 'random'.")
     obj = read_checkpoint(path)
     if not isinstance(obj, dict):
         raise SystemExit(f"--init {init}: {path} holds a {type(obj).__name__}, not a state dict or checkpoint")
