@@ -346,6 +346,20 @@ def build_data(args, device):
 # =================================================================================================
 # Train step
 # =================================================================================================
+def schedules(args, steps_per_epoch):
+    """DINO's schedules (utils.cosine_scheduler): per step the lr (a linear warm-up from 0 that ends on
+    the base lr, then a cosine to --min-lr), the weight decay (a cosine, no warm-up) and the teacher
+    momentum (a cosine to 1); per epoch the teacher temperature (linear, then constant)."""
+    lr = common.cosine_schedule(args.scaled_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+                                warmup_endpoint=True)
+    wd = common.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    momentum = common.momentum_schedule(args.momentum_teacher, args.epochs, steps_per_epoch)
+    warm = min(args.warmup_teacher_temp_epochs, args.epochs)
+    temp = np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm),
+                           np.full(args.epochs - warm, args.teacher_temp)])
+    return lr, wd, momentum, temp
+
+
 def train_step(batch, student, teacher, centers, params_t, params_s, optimizer, scaler, sched, epoch, args, dtype, device):
     """One ADCLR iteration; returns (total, DINO, query) loss tensors (no host sync)."""
     globals_, locals_, queries = batch
@@ -396,12 +410,7 @@ def main(argv=None):
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
-    lr_schedule = common.cosine_schedule(args.scaled_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs)
-    wd_schedule = common.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
-    m_schedule = common.momentum_schedule(args.momentum_teacher, args.epochs, steps_per_epoch)
-    warm = min(args.warmup_teacher_temp_epochs, args.epochs)
-    temp_per_epoch = np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm),
-                                     np.full(args.epochs - warm, args.teacher_temp)])
+    lr_schedule, wd_schedule, m_schedule, temp_per_epoch = schedules(args, steps_per_epoch)
     common.print0(f"ADCLR | {args.arch}/{args.patch_size} | Q = {args.num_queries} x {args.query_tokens} token(s), "
                   f"lambda {args.query_weight}, target {args.query_target} | {world} x {args.batch_per_rank} images | "
                   f"lr {args.scaled_lr:g} | {args.epochs} epochs x {steps_per_epoch} steps | amp {dtype} | device {device} | "

@@ -11,7 +11,7 @@ Contents (one banner section each, in this order):
  2. Shuffle BN in one process         add_bn_splits_arg, check_bn_splits, SplitBatchNorm2d, split_batchnorm
  3. Backbones                         ResNetTrunk (C2-C5), FPN, ViT (Attention, Block, drop_path), VIT_ARCHS
  4. Synthetic scenes                  synthetic_scene, SyntheticScenes, SYNTHETIC_CLASSES
- 5. Image folders (--data presets)    add_data_args, build_pretrain_dataset, ImageFiles, open_rgb,
+ 5. Image folders (--data presets)    add_data_args, build_pretrain_dataset, ImageFiles, WarnOnce, open_rgb,
                                       find_images, resolve_image_folders, default_data_root, DATA_LAYOUTS
  6. Augmentations on the CPU          moco_v2_augmentation, byol_augmentations, TwoViews, blur_kernel
  7. Augmentations on the device       DecodeOnly, pad_collate (workers); device_images, crop_params,
@@ -56,7 +56,9 @@ from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_RUN = {"stop": 0, "cpu_group": None, "saved": {}}  # signal received, the group to agree on it, last saved steps
+# The run's process-wide state: the stop signal received (and the process that handles it), the
+# group the ranks agree on it over, the steps last saved per checkpoint, the script to copy.
+_RUN = {"stop": 0, "pid": None, "cpu_group": None, "saved": {}, "script": None}
 
 
 # =================================================================================================
@@ -532,7 +534,7 @@ def resolve_image_folders(data, data_root):
         folders, expected = [Path(data)], f"{data}/**/*.jpg (any folder of images, searched recursively)"
     for folder in folders:
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise SystemExit(
                 f"--data {data}: folder {folder} does not exist. Expected layout: {expected}. "
                 f"Set --data-root (or $DATA_ROOT) to the folder that holds it, or use --data synthetic.")
     return folders, expected
@@ -557,25 +559,32 @@ def _remove_folder_of(folder, pid):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class WarnOnce:
+    """warn_once(key, message): one warning per key for the whole run, whatever the number of loader
+    workers (they share a folder of markers made with O_EXCL; the process that made it removes it)."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="dense-ssl-warned-")
+        weakref.finalize(self, _remove_folder_of, self.folder, os.getpid())  # not left behind in /tmp
+
+    def __call__(self, key, message):
+        marker = os.path.join(self.folder, str(abs(hash(key))))
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # only the first process to see the key warns
+        except FileExistsError:
+            return
+        warnings.warn(message)
+
+
 class ImageFiles(Dataset):
     """Images from a list of files; an unreadable image is skipped for the next, with one warning per
-    file for the whole run (loader workers share a folder of markers made with O_EXCL)."""
+    file for the whole run."""
 
     def __init__(self, files, transform=None):
-        self.files, self.transform = files, transform
-        self.warned = tempfile.mkdtemp(prefix="dense-ssl-unreadable-")
-        weakref.finalize(self, _remove_folder_of, self.warned, os.getpid())  # not left behind in /tmp
+        self.files, self.transform, self.warn_once = files, transform, WarnOnce()
 
     def __len__(self):
         return len(self.files)
-
-    def warn_once(self, path, error):
-        marker = os.path.join(self.warned, str(abs(hash(path))))
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # only the first process to see the file warns
-        except FileExistsError:
-            return
-        warnings.warn(f"skipping unreadable image {path}: {type(error).__name__}: {error}")
 
     def __getitem__(self, i):
         for attempt in range(len(self.files)):
@@ -584,7 +593,7 @@ class ImageFiles(Dataset):
                 img = open_rgb(path)
                 break
             except Exception as e:  # corrupt, truncated or unreadable: never stop the run for one file
-                self.warn_once(path, e)
+                self.warn_once(path, f"skipping unreadable image {path}: {type(e).__name__}: {e}")
         else:
             raise RuntimeError("no readable image in the dataset")
         return self.transform(img) if self.transform else img
@@ -598,9 +607,19 @@ def build_pretrain_dataset(args, transform):
     folders, expected = resolve_image_folders(args.data, args.data_root)
     files = [f for folder in folders for f in find_images(folder)]
     if not files:
-        raise FileNotFoundError(
+        raise SystemExit(
             f"--data {args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
             f"{', '.join(map(str, folders))}. Expected layout: {expected}.")
+    first_error = None
+    for path in files:  # one readable image is enough to start (usually the first); none is an error now,
+        try:            # not a crash in a loader worker later
+            open_rgb(path)
+            break
+        except Exception as e:
+            first_error = first_error or f"{path}: {type(e).__name__}: {e}"
+    else:
+        raise SystemExit(f"--data {args.data}: none of the {len(files)} image files below "
+                         f"{', '.join(map(str, folders))} can be read (the first: {first_error}).")
     return ImageFiles(files, transform)
 
 
@@ -935,7 +954,7 @@ def make_loader(dataset, batch_size, workers, seed, device, collate_fn=None):
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed + rank))
     if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} images are fewer than one global batch of {batch_size * world_size()}: "
+        raise SystemExit(f"{len(dataset)} images are fewer than one global batch of {batch_size * world_size()}: "
                          f"lower --batch-size or use more data (--synthetic-len)")
     return loader
 
@@ -943,12 +962,17 @@ def make_loader(dataset, batch_size, workers, seed, device, collate_fn=None):
 # =================================================================================================
 # 9. Schedules, LARS, mixed precision, seeding
 # =================================================================================================
-def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0, per_step=True):
-    """Per-step values: linear warm-up, then cosine from `base` to `final` (per step or per epoch)."""
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0, per_step=True,
+                    warmup_endpoint=False):
+    """Per-step values: a linear warm-up from `warmup_start`, then a cosine from `base` to `final`
+    (per step, or held over each epoch), final + (base - final)(1 + cos(pi k / K)) / 2 for step k of
+    the K after the warm-up. Warm-up step t of W: start + (base - start)·t / W (SlotCon's form,
+    ending one step short of base), or with warmup_endpoint=True start + (base - start)·t / (W - 1)
+    (DINO's utils.cosine_scheduler, np.linspace with the endpoint: its last step is base)."""
     total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
     steps = np.arange(total - warmup) if per_step else np.arange(total - warmup) // steps_per_epoch * steps_per_epoch
     decay = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(total - warmup, 1)))
-    return np.concatenate([np.linspace(warmup_start, base, warmup, endpoint=False), decay]).tolist()
+    return np.concatenate([np.linspace(warmup_start, base, warmup, endpoint=warmup_endpoint), decay]).tolist()
 
 
 def momentum_schedule(base, epochs, steps_per_epoch):
@@ -965,7 +989,11 @@ class LARS(torch.optim.Optimizer):
         q = eta·|w| / |d|; mu = m·mu + q·d; w -= lr·mu (the lr multiplies the buffer).
     form="openselfsup" (MCL's openselfsup/utils/optimizers.py): trust q = eta·|w| / (|g| + wd·|w|);
         mu = m·mu + lr·q·(g + wd·w); w -= mu (the lr is inside the buffer, so a schedule reaches the
-        step through the momentum). A zero norm gives q = 1 in both (the MCL code would divide 0 by 0).
+        step through the momentum).
+    Zero norms, as each code: SlotCon's gives q = 1 when |w| = 0 or |d| = 0. OpenSelfSup's formula
+    has no guard: |w| = 0 gives q = 0 (a zero weight stays zero), |g| = 0 gives eta / wd; only a zero
+    denominator (|g| = 0 and wd·|w| = 0, where the step is zero whatever q) would divide by zero in
+    that code, and gives q = 1 here.
     """
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001, form="slotcon"):
@@ -983,8 +1011,12 @@ class LARS(torch.optim.Optimizer):
                 d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad
                 if not g["lars_exclude"]:
                     w_norm = torch.norm(p)
-                    denom = torch.norm(d) if self.form == "slotcon" else torch.norm(p.grad) + g["weight_decay"] * w_norm
-                    q = torch.where((w_norm > 0) & (denom > 0), g["eta"] * w_norm / denom, torch.ones_like(w_norm))
+                    if self.form == "slotcon":
+                        d_norm = torch.norm(d)
+                        q = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    else:
+                        denom = torch.norm(p.grad) + g["weight_decay"] * w_norm
+                        q = torch.where(denom > 0, g["eta"] * w_norm / denom, torch.ones_like(w_norm))
                     d = d.mul(q)
                 buf = self.state[p].setdefault("mu", torch.zeros_like(p))
                 if self.form == "slotcon":
@@ -1067,8 +1099,13 @@ def add_run_args(parser, epochs, batch_size, epochs_help=None):
 
 def check_args(parser, args, positive=(), non_negative=()):
     """Refuse values that would train silently wrong or crash later, with the valid range. Checks
-    the shared run flags and the method's own `positive` (> 0) and `non_negative` (>= 0) flags;
-    a flag left at None (a derived default) is not checked."""
+    that no float flag is NaN or infinite, then the shared run flags and the method's own
+    `positive` (> 0) and `non_negative` (>= 0) flags; a flag left at None (a derived default) is
+    not checked."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                parser.error(f"--{name.replace('_', '-')} {v}: must be a finite number")
     positive = ("epochs", "batch_size", "log_every", "save_every", "synthetic_len", *positive)
     non_negative = ("max_steps", "workers", *non_negative)
     for name in positive + non_negative:
@@ -1143,11 +1180,14 @@ def catch_stop_signals():
     the handler only records the signal; the loop asks stop_requested() after every step. A second
     Ctrl-C stops at once."""
     def handler(signum, frame):
+        if os.getpid() != _RUN["pid"]:  # a loader worker (Ctrl-C reaches the whole process group): the run decides
+            return
         if _RUN["stop"] and signum == signal.SIGINT:
             raise KeyboardInterrupt
         _RUN["stop"] = signum
         print0(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving a checkpoint",
                file=sys.stderr)
+    _RUN["pid"] = os.getpid()
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
@@ -1198,13 +1238,22 @@ def check_finite(losses, modules, step, path, extra=()):
 # 12. Output folder, checkpoints, resume, downstream weights
 # =================================================================================================
 def prepare_output(args, script):
-    """Create --output-dir and save a copy of the script (rank 0). args.json is written once the
-    run has started or resumed (resume), so that a refused resume leaves the stored one intact."""
-    out = Path(args.output_dir)
+    """The --output-dir path, and the script whose copy goes into it. Nothing is written yet:
+    write_run_record (called by resume once the run has started or resumed) creates the folder,
+    args.json and the copy, so a refused or failed start leaves nothing behind and an existing
+    run's records as they were."""
+    _RUN["script"] = script
+    return Path(args.output_dir)
+
+
+def write_run_record(out, args):
+    """Create the output folder and write args.json and a copy of the script (rank 0)."""
     if is_main():
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(script, out / Path(script).name)
-    return out
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        if _RUN.get("script"):
+            shutil.copy(_RUN["script"], out / Path(_RUN["script"]).name)
 
 
 def save_atomic(obj, path):
@@ -1226,8 +1275,12 @@ def load_checkpoint(path, device="cpu"):
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         # torch's own text for a refused pickle suggests weights_only=False: not advice to pass on
-        why = "it holds objects other than tensors and plain containers" if isinstance(e, pickle.UnpicklingError) else (
-            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            why = "it holds objects other than tensors and plain containers"
+        elif isinstance(e, pickle.UnpicklingError):
+            why = "its bytes do not read as a PyTorch checkpoint"
+        else:
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         prev = Path(path).with_name(Path(path).stem + ".prev.pth")
         keep = (f" The previous checkpoint {prev} is kept: `cp {prev} {path}` resumes from it."
                 if prev.exists() and Path(path).name == "checkpoint.pth" else "")
@@ -1296,10 +1349,11 @@ def _plain(v):
 def resume(path, modules, optimizer, scaler, device, args, log=None):
     """Restore what save_checkpoint wrote, if `path` (or, after a crash between the two renames of a
     save, its .prev.pth) exists; refuse a checkpoint of another script or of other arguments. Writes
-    args.json once the run has started or resumed. Returns (step, checkpoint or None)."""
+    the run's records (write_run_record) once it has started or resumed. Returns (step, checkpoint
+    or None)."""
     path = Path(path)
     prev = path.with_name(path.stem + ".prev.pth")
-    if is_main():
+    if is_main() and path.parent.is_dir():
         for stale in path.parent.glob("*.tmp"):  # left by a write that was killed
             stale.unlink()
     if not path.exists() and prev.exists():
@@ -1336,8 +1390,7 @@ def resume(path, modules, optimizer, scaler, device, args, log=None):
         if log is not None:
             log.truncate(ckpt["step"])
         print0(f"resumed from {path} at step {ckpt['step']}" + (f" (changed: {', '.join(changed)})" if changed else ""))
-    if is_main():
-        (path.parent / "args.json").write_text(json.dumps(vars(args), indent=2))
+    write_run_record(path.parent, args)
     return (ckpt["step"], ckpt) if ckpt is not None else (0, None)
 
 

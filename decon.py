@@ -452,6 +452,15 @@ def build_data(args, device):
 # =================================================================================================
 # Train step
 # =================================================================================================
+def schedules(args, steps_per_epoch):
+    """The lr and the teacher momentum of every step, as SlotCon: a linear warm-up from lr/100
+    (lr/100·(1 + 99·t/W) at step t of W), then a per-step cosine to 1e-6; the momentum a cosine from
+    --teacher-momentum to 1 over all steps."""
+    lr = common.cosine_schedule(args.scaled_lr, 1e-6, args.epochs, steps_per_epoch, args.warmup_epochs,
+                                warmup_start=args.scaled_lr / 100)
+    return lr, common.momentum_schedule(args.teacher_momentum, args.epochs, steps_per_epoch)
+
+
 def train_step(batch, student, teacher, predictors, centers, params_t, params_s, m, optimizer, scaler, weights, args,
                dtype, device):
     """One DeCon iteration: EMA update, student/teacher forward (autocast), fp32 head losses, update."""
@@ -496,10 +505,7 @@ def main(argv=None):
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
-    # SlotCon: warm-up from lr/100, then a per-step cosine to 1e-6; teacher momentum cosine 0.99 -> 1
-    lr_schedule = common.cosine_schedule(args.scaled_lr, 1e-6, args.epochs, steps_per_epoch, args.warmup_epochs,
-                                         warmup_start=args.scaled_lr / 100)
-    m_schedule = common.momentum_schedule(args.teacher_momentum, args.epochs, steps_per_epoch)
+    lr_schedule, m_schedule = schedules(args, steps_per_epoch)
 
     student = common.sync_batchnorm(Network(args), True).to(device)  # SyncBN for every network, as SlotCon
     teacher = copy.deepcopy(student).requires_grad_(False)

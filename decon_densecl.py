@@ -209,23 +209,25 @@ def batch_shuffle(x):
 # =================================================================================================
 class QueueInfoNCE(torch.autograd.Function):
     """InfoNCE against a queue without storing the (M, K) logits (as densecl.py): chunks of the
-    queue stay in cache and the gradient (sum_j p_j x_j - k) / (T·M) is accumulated on the way."""
+    queue stay in cache, the softmax's sums are shifted by each row's running maximum (no exp over-
+    or underflows at any temperature), and the gradient (sum_j p_j x_j - k) / (T·M) is accumulated
+    on the way."""
 
     @staticmethod
     def forward(ctx, q, k, queue, temperature, chunk=4096):
         with torch.autocast(q.device.type, enabled=False):
             qs, k, queue = q.float() / temperature, k.float(), queue.float()  # (M, D), (M, D), (D, K)
-            shift = 1.0 / temperature  # unit vectors: no logit exceeds 1/T
             l_pos = (qs * k).sum(1)  # (M,)
-            z = torch.exp(l_pos - shift)
-            u = z[:, None] * k
+            top, z, u = l_pos.clone(), torch.ones_like(l_pos), k.clone()  # running max, sum exp, sum exp·x
             for c in range(0, queue.shape[1], chunk):
                 keys = queue[:, c:c + chunk]
-                e = (qs @ keys).sub_(shift).exp_()  # (M, chunk)
-                z += e.sum(1)
-                u.addmm_(e, keys.T)
+                logits = qs @ keys  # (M, chunk)
+                new_top = torch.maximum(top, logits.amax(1))
+                rescale = torch.exp(top - new_top)
+                e = logits.sub_(new_top[:, None]).exp_()  # (M, chunk)
+                z, u, top = z * rescale + e.sum(1), torch.addmm(u * rescale[:, None], e, keys.T), new_top
             ctx.save_for_backward(((u / z[:, None] - k) / (temperature * q.shape[0])).to(q.dtype))
-            return (torch.log(z) + shift - l_pos).mean()
+            return (torch.log(z) + top - l_pos).mean()
 
     @staticmethod
     def backward(ctx, grad):
@@ -297,6 +299,12 @@ def build_data(args, device):
 # =================================================================================================
 # Train step
 # =================================================================================================
+def schedule(args, steps_per_epoch):
+    """The lr of every step, DenseCL's (mmcv's CosineAnnealing by epoch, min_lr 0): lr·(1 +
+    cos(pi·e/E))/2 for epoch e of E, held over the epoch; no warm-up."""
+    return common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)
+
+
 def train_step(views, model_q, net_k, global_queue, dense_queues, params_k, params_q, optimizer, scaler, weights,
                args, dtype, device):
     """One iteration: EMA, query/key forward (autocast), fp32 losses, update, enqueue. Returns the losses."""
@@ -341,7 +349,7 @@ def main(argv=None):
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
-    lr_schedule = common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)  # per epoch
+    lr_schedule = schedule(args, steps_per_epoch)
 
     net_q = Network(args)
     if world == 1:  # per-group BatchNorm statistics (encoder and decoder), as per-GPU ones under torchrun

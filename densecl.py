@@ -237,9 +237,10 @@ class QueueInfoNCE(torch.autograd.Function):
     """infonce(q, k, queue, T) with the same value and gradient, without storing the (M, K) logits.
 
     The dense loss has M = B·S² queries (392 x 65536 logits at B = 8): writing that matrix and running
-    a softmax over it costs more than the matmul itself (benchmarks/bench.py loss). Here the queue is read in
-    chunks that stay in cache, and the gradient is accumulated on the way. q and the keys are unit
-    vectors, so no logit exceeds 1/T and exp(l - 1/T) cannot overflow: no running max is needed.
+    a softmax over it costs more than the matmul itself (benchmarks/bench.py loss). Here the queue is
+    read in chunks that stay in cache, and the softmax's sums are accumulated on the way, shifted by
+    each row's running maximum (rescaled when a chunk raises it), so that no exp over- or underflows
+    at any temperature: at a low T, logits all near -1/T would underflow a fixed shift.
     Gradient of the mean loss: d/dq = (sum_j p_j x_j - k) / (T·M), p = softmax over [k, queue].
     """
 
@@ -247,20 +248,24 @@ class QueueInfoNCE(torch.autograd.Function):
     def forward(ctx, q, k, queue, temperature, chunk=4096):
         with torch.autocast(q.device.type, enabled=False):
             qs, k, queue = q.float() / temperature, k.float(), queue.float()  # (M, D), (M, D), (D, K)
-            shift = 1.0 / temperature  # the largest possible logit
-            l_pos = (qs * k).sum(1)  # (M,)
-            z = torch.exp(l_pos - shift)  # (M,): softmax denominator, shifted, positive first
-            u = z[:, None] * k  # (M, D): sum_j exp(l_j - shift) x_j
+            l_pos = (qs * k).sum(1)  # (M,) the positive's logit
+            top = l_pos.clone()  # (M,) running maximum of each row's logits
+            z = torch.ones_like(l_pos)  # (M,) sum_j exp(l_j - top): the positive's term is exp(0)
+            u = k.clone()  # (M, D) sum_j exp(l_j - top) x_j
             grad = ctx.needs_input_grad[0]  # without it (evaluation, bench.py loss) u is not needed
             for c in range(0, queue.shape[1], chunk):  # chunks of the queue, not of images or locations
                 keys = queue[:, c:c + chunk]  # (D, chunk)
-                e = (qs @ keys).sub_(shift).exp_()  # (M, chunk)
-                z += e.sum(1)
+                logits = qs @ keys  # (M, chunk)
+                new_top = torch.maximum(top, logits.amax(1))  # (M,)
+                rescale = torch.exp(top - new_top)  # (M,) <= 1: the sums so far, to the new shift
+                e = logits.sub_(new_top[:, None]).exp_()  # (M, chunk)
+                z = z * rescale + e.sum(1)
                 if grad:
-                    u.addmm_(e, keys.T)
+                    u = torch.addmm(u * rescale[:, None], e, keys.T)
+                top = new_top
             if grad:
                 ctx.save_for_backward(((u / z[:, None] - k) / (temperature * q.shape[0])).to(q.dtype))
-            return (torch.log(z) + shift - l_pos).mean()
+            return (torch.log(z) + top - l_pos).mean()
 
     @staticmethod
     def backward(ctx, grad):
@@ -286,6 +291,12 @@ def build_data(args, device):
 # =================================================================================================
 # Train step
 # =================================================================================================
+def schedule(args, steps_per_epoch):
+    """The lr of every step, as the official config (mmcv's CosineAnnealing by epoch, min_lr 0):
+    lr·(1 + cos(pi·e/E))/2 for epoch e of E, held over the epoch; no warm-up."""
+    return common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)
+
+
 def train_step(views, model_q, encoder_k, queue, queue2, params_k, params_q, optimizer, scaler, loss_lambda,
                args, dtype, device):
     """One DenseCL iteration; returns (total, global, dense) loss tensors (no host sync)."""
@@ -333,7 +344,7 @@ def main(argv=None):
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
-    lr_schedule = common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)  # per epoch
+    lr_schedule = schedule(args, steps_per_epoch)
     common.print0(f"DenseCL | {args.arch} {args.image_size}px | {world} process(es) x {args.batch_per_rank} images | "
                   f"lr {args.lr:g} | {args.epochs} epochs x {steps_per_epoch} steps = {total_steps} | "
                   f"lambda {args.loss_lambda} | amp {dtype} | device {device} | output {out}")

@@ -5,7 +5,7 @@ data, from any method file's output, and hands the weights to detection toolkits
 
     python eval_dense.py --init runs/moco --task probe             # frozen backbone, 1x1 linear head
     python eval_dense.py --init random --arch resnet18 --task probe # the floor: a random backbone
-    python eval_dense.py --init runs/moco --task finetune --head fcn --data voc   # DenseCL/MoCo protocol
+    python eval_dense.py --init runs/decon --task finetune --data voc        # SlotCon/DeCon's VOC protocol
     python eval_dense.py --init runs/decon --task finetune --head fpn --init-decoder
     python eval_dense.py --init runs/densecl --export detectron2 densecl_d2.pkl
     torchrun --nproc_per_node=8 eval_dense.py --init runs/densecl --task finetune --data cityscapes
@@ -14,33 +14,35 @@ Tasks:
 - probe: the backbone is frozen (eval-mode BN); a BatchNorm without affine parameters and a 1x1
   conv classify every feature of C5 (dilated to output stride --output-stride); logits are
   upsampled bilinearly to the label size. Only the classifier learns: a measure of the features.
-- finetune: end to end. `--head fcn`: the FCN of the DenseCL/MoCo segmentation protocol on a dilated
-  ResNet (output stride 8 or 16): two 3x3 conv-BN-ReLU, concatenation with the input, a 3x3 fusion
-  conv, dropout 0.1 and a 1x1 classifier, plus an auxiliary FCN on C4 weighted 0.4; SGD lr 0.01,
-  momentum 0.9, wd 5e-4, poly 0.9. `--head fpn`: an FPN over C2-C5 with a 3x3 conv and classifier on
-  P2, which `--init-decoder` initialises from a pre-trained DeCon decoder.
+- finetune: end to end. `--head fcn` (a ResNet's default): mmsegmentation's FCN head on a dilated
+  ResNet, FCN-D6 (output stride 16, 256 channels at dilation 6) or FCN-d8 (output stride 8, concat
+  with the input, dropout 0.1, an auxiliary FCN on C4 weighted 0.4), as --protocol says; `--head
+  fpn` (a ViT's default): an FPN over C2-C5 with a 3x3 conv and classifier on P2, which
+  `--init-decoder` initialises from a pre-trained DeCon or MCL decoder (a DeCon FCN decoder goes
+  into --head fcn's convs).
+- detect / instance: Faster / Mask R-CNN R50-FPN on COCO or the synthetic scenes (evaluation/detection.py).
 
 Backbones: ResNet-18/50 (probe and fine-tuning) and the ViTs of adclr.py (probe on the patch
 tokens, at the patch stride).
 
 Initialisation (--init): `random`; a run folder or its downstream.pth (method, arch and decoder are
 read from the file); or the authors' released checkpoints of MoCo, DenseCL/OpenSelfSup, SlotCon,
-MCL and DINO/ADCLR, or a plain state dict (weights.py lists the layouts). Every backbone tensor
+DeCon, MCL and DINO/ADCLR, or a plain state dict (evaluation/weights.py lists the layouts). Every backbone tensor
 must be found. Nothing is downloaded. --export writes detectron2, torchvision or timm files.
 
-Data (--data): synthetic (default; 9 classes incl. background), voc, cityscapes, ade20k; see the
+Data (--data): synthetic (default; 9 classes incl. background), voc, cityscapes, ade20k; see
 docs/downstream.md for layouts. Metrics: mIoU, per-class IoU and pixel accuracy from a confusion matrix summed
 over all ranks, written to <output-dir>/metrics.json. Pictures: <output-dir>/predictions.png
 (image / ground truth / prediction / PCA of the features) for the first validation images.
 
-Protocol (seg_data.PROTOCOLS): for voc, cityscapes and ade20k the augmentation and testing default to
-mmsegmentation's FCN-d8 configs as SlotCon's transfer/segmentation uses them: random scale 0.5-2 of
-the crop (Cityscapes: of the native 1024 px short side), crops re-drawn while one class covers more
-than 75%, flip, photometric distortion; test at 512 x 2048 (VOC, ADE20K) or by 769 px windows every
-513 px (Cityscapes). Deviations: the schedule is --iters (VOC 20k, Cityscapes 40k, ADE20K 80k in
-those configs: pass them); logits are resized with align_corners=False (the Cityscapes config says
-True); the photometric distortion converts to HSV with PIL, not OpenCV (hue range scaled 180 -> 256);
-ResNet dilation is applied in place (also to ResNet-18, which torchvision refuses to dilate).
+Protocol (--protocol, seg_data.PROTOCOLS): for voc, cityscapes and ade20k every flag left unset takes
+the configs of the papers: `slotcon` (default), the three SlotCon's README runs and the DeCon and
+SlotCon tables use (FCN-D6 at output stride 16: VOC 513 crops 30k iterations, Cityscapes 769 crops
+90k with sliding windows; FCN-d8 at output stride 8 on ADE20K, 80k); `densecl`, DenseCL's
+mmsegmentation fork (FCN-d8: VOC 20k, Cityscapes 40k). docs/downstream.md has the table. Deviations:
+the photometric distortion converts to HSV with PIL, not OpenCV (hue range scaled 180 -> 256); a
+training image is scaled by its short side; ResNet dilation is applied in place (also to ResNet-18,
+which torchvision refuses to dilate).
 """
 import argparse
 import hashlib
@@ -70,33 +72,65 @@ def get_args(argv=None):
     p.add_argument("--arch", default=None, help="resnet18 | resnet50 (default: from --init's metadata, else resnet50)")
     p.add_argument("--task", default="probe", choices=["probe", "finetune", "detect", "instance"],
                    help="detect / instance: Faster / Mask R-CNN R50-FPN (detection.py; needs pycocotools)")
-    p.add_argument("--head", default="fcn", choices=["fcn", "fpn", "linear"],
-                   help="finetune head; linear: the probe's head trained end to end (the miniature's supervised ceiling)")
+    p.add_argument("--head", default=None, choices=["fcn", "fpn", "linear"],
+                   help="finetune head (default: fcn for a ResNet, fpn for a ViT); linear: the probe's head trained "
+                        "end to end (the miniature's supervised ceiling)")
     p.add_argument("--probe-layers", default="c5", choices=["c5", "c345"],
                    help="probe features: C5, or C3-C5 concatenated at C3's resolution (ResNets)")
     p.add_argument("--probe-cache", action="store_true",
                    help="probe: compute the frozen features of the training scenes once (no augmentation) and train "
                         "the linear head on them for --probe-epochs (synthetic data; memory: N x C x h x w floats)")
     p.add_argument("--probe-epochs", type=int, default=40, help="epochs over the cached features (--probe-cache)")
-    p.add_argument("--init-decoder", action="store_true", help="initialise the FPN head from the pre-trained decoder")
+    p.add_argument("--init-decoder", action="store_true",
+                   help="initialise the segmentation head from the pre-trained decoder: --head fpn from an FPN "
+                        "(DeCon, MCL), --head fcn from an FCN of the same width and dilation (DeCon --decoder fcn)")
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch (default: from --init's metadata, else 16)")
-    p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32], help="dilated ResNet (protocol: 8)")
     p.add_argument("--data", default="synthetic", choices=["synthetic", "voc", "cityscapes", "ade20k", "coco"],
                    help="coco: detection / instance only")
     p.add_argument("--data-root", default=common.default_data_root())
-    p.add_argument("--crop-size", type=int, default=224, help="training crop (VOC protocol 512, Cityscapes 769)")
+    p.add_argument("--protocol", default="slotcon", choices=list(seg_data.PROTOCOLS),
+                   help="segmentation on voc / cityscapes / ade20k: slotcon = the configs of SlotCon's README, which "
+                        "the DeCon and SlotCon tables use (FCN-D6 at output stride 16 on VOC 30k and Cityscapes 90k, "
+                        "FCN-d8 on ADE20K 80k); densecl = DenseCL's (FCN-d8, VOC 20k, Cityscapes 40k). Every flag "
+                        "below left unset takes the protocol's value (docs/downstream.md lists them)")
     p.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training scenes")
     p.add_argument("--synthetic-val", type=int, default=200, help="synthetic validation scenes")
     p.add_argument("--synthetic-size", type=int, default=224, help="side of a synthetic scene")
     p.add_argument("--synthetic-style", default="colour", choices=common.SCENE_STYLES,
                    help="synthetic scenes in colour, or mono: grey background, dark and light grey objects")
-    p.add_argument("--iters", type=int, default=None,
-                   help="training iterations (default 2000; VOC protocol 20k, Cityscapes 40k; --data coco detection 90k)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (protocol: 16)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="segmentation: poly 0.9 from it (protocol: SGD 0.01); detection: 0.02 x batch / 16, steps")
-    p.add_argument("--steps", type=int, nargs="+", default=None,
-                   help="detection: lr x0.1 at these iterations (default 2/3 and 8/9 of --iters: 60k, 80k of 90k)")
+    # The protocol's training (segmentation: seg_data.PROTOCOLS; detection: the 1x schedule)
+    p.add_argument("--iters", type=int, default=None, help="training iterations (protocol; synthetic 2000; COCO detection 90k)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (protocol; detection 16)")
+    p.add_argument("--lr", type=float, default=None, help="SGD lr (protocol; the probe 0.01; detection 0.02 x batch / 16)")
+    p.add_argument("--steps", type=float, nargs="+", default=None,
+                   help="lr x0.1 at these iterations, or fractions of --iters if below 1 (segmentation: the protocol's, "
+                        "else poly 0.9; detection: 2/3 and 8/9, 60k and 80k of 90k)")
+    p.add_argument("--min-lr", type=float, default=None, help="the poly schedule's floor (protocol)")
+    p.add_argument("--weight-decay", type=float, default=None, help="(protocol; the probe 0; detection 1e-4)")
+    p.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32], help="dilated ResNet (protocol)")
+    p.add_argument("--fcn-head", default=None, choices=["d6", "d8"],
+                   help="--head fcn: d6 = 256 channels, 3x3 convs at dilation 6, no concat, no dropout (FCN-D6); "
+                        "d8 = 512 channels (256 below ResNet-50), concat with the input, dropout 0.1 (FCN-d8)")
+    p.add_argument("--aux-weight", type=float, default=None, help="auxiliary FCN head on C4, 0: none (protocol)")
+    p.add_argument("--crop-size", type=int, default=None, help="training crop (protocol; synthetic 224)")
+    p.add_argument("--base-size", type=int, default=None,
+                   help="short side a training image is scaled to before --scale-range (protocol: the crop; "
+                        "Cityscapes 1024, i.e. native)")
+    p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0),
+                   help="random rescaling of training images before the crop (protocol: 0.5 2.0)")
+    p.add_argument("--cat-max", type=float, default=None,
+                   help="re-draw a crop (up to 10 times) where one class covers more than this share (1: off)")
+    p.add_argument("--photometric", default=None, choices=["on", "off"],
+                   help="mmsegmentation's PhotoMetricDistortion on training crops")
+    p.add_argument("--val-resize", type=int, nargs=2, metavar=("SHORT", "LONG"), default=None,
+                   help="test-time resize to fit SHORT x LONG, ratio kept; 0 0: native")
+    p.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
+                   help="sliding-window testing; 0 0: whole image")
+    p.add_argument("--align-corners", default=None, choices=["on", "off"], help="logits resized with align_corners")
+    p.add_argument("--input-norm", default=None, choices=["imagenet", "moco-configs"],
+                   help="imagenet: mean/std on [0, 1] pixels; moco-configs: the same constants on [0, 255] pixels, as "
+                        "SlotCon's *_moco configs (seg_data.normalise)")
+    # Detection only
     p.add_argument("--warmup", type=int, default=None, help="detection: linear warm-up iterations (1000, at most iters/10)")
     p.add_argument("--train-sizes", type=int, nargs="+", default=None,
                    help="detection: short sides drawn per image (coco: 640-800 by 32; synthetic: --synthetic-size)")
@@ -105,23 +139,6 @@ def get_args(argv=None):
     p.add_argument("--proposals", type=int, default=1000, help="detection: RPN proposals kept per image (detectron2 FPN: 1000)")
     p.add_argument("--rois-per-image", type=int, default=512, help="detection: sampled RoIs per training image (512)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="(protocol: SGD, momentum 0.9)")
-    # The next five default to the protocol of --data (seg_data.PROTOCOLS); each can be overridden.
-    p.add_argument("--base-size", type=int, default=None,
-                   help="short side a training image is scaled to before --scale-range (protocol: VOC/ADE20K the crop, "
-                        "Cityscapes 1024, i.e. native)")
-    p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0),
-                   help="random rescaling of training images before the crop (protocol: 0.5 2.0)")
-    p.add_argument("--cat-max", type=float, default=None,
-                   help="re-draw a crop (up to 10 times) where one class covers more than this share (protocol: 0.75; "
-                        "1: off)")
-    p.add_argument("--photometric", default=None, choices=["on", "off"],
-                   help="mmsegmentation's PhotoMetricDistortion on training crops (protocol: on)")
-    p.add_argument("--val-resize", type=int, nargs=2, metavar=("SHORT", "LONG"), default=None,
-                   help="test-time resize to fit SHORT x LONG, ratio kept (protocol: VOC/ADE20K 512 2048); 0 0: native")
-    p.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
-                   help="sliding-window testing (protocol: Cityscapes 769 513); 0 0: whole image")
-    p.add_argument("--weight-decay", type=float, default=None, help="(default: the protocol's 5e-4 for finetune, 0 for the probe)")
-    p.add_argument("--aux-weight", type=float, default=0.4, help="auxiliary FCN head on C4 (protocol: 0.4)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--seed", type=int, default=0)
@@ -129,47 +146,66 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--pictures", type=int, default=4, help="validation images drawn in predictions.png")
     p.add_argument("--output-dir", default=None,
-                   help="default: runs/eval/<init>-<task>[-<head>]-<data>-<hash of every result-changing argument>")
+                   help="default: runs/eval/<init>-<task>[-<head>]-<data>-<hash of every result-changing argument, "
+                        "the --init weights' content among them>")
     p.add_argument("--allow-arg-changes", action="store_true", help="resume although result-changing arguments differ")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "PATH"),
-                   help="detectron2 OUT.pkl | torchvision OUT.pth | timm OUT.pth (ViTs), then exit")
+                   help="detectron2 OUT.pkl | torchvision OUT.pth | timm OUT.pth (vit_tiny, vit_small, vit_base; patch "
+                        "16, or 8 for small and base), then exit")
     args = p.parse_args(argv)
     detection = args.task in ("detect", "instance")
     if args.data == "coco" and not detection:
         p.error("--data coco is for --task detect / instance; segmentation takes voc, cityscapes, ade20k or synthetic")
     coco = detection and args.data == "coco"
-    args.iters = (90000 if coco else 2000) if args.iters is None else args.iters
-    args.lr = ((0.02 * args.batch_size / 16) if detection else 0.01) if args.lr is None else args.lr
-    if detection:
+    if detection:  # the 1x schedule
+        args.batch_size = args.batch_size or 16
+        args.iters = (90000 if coco else 2000) if args.iters is None else args.iters
+        args.lr = 0.02 * args.batch_size / 16 if args.lr is None else args.lr
+        args.weight_decay = 1e-4 if args.weight_decay is None else args.weight_decay
         args.steps = args.steps or [args.iters * 2 // 3, args.iters * 8 // 9]  # 60k, 80k of the 1x's 90k
         args.warmup = min(1000, args.iters // 10) if args.warmup is None else args.warmup
         args.train_sizes = args.train_sizes or (list(range(640, 801, 32)) if coco else [args.synthetic_size])
         args.test_size = args.test_size or (800 if coco else args.synthetic_size)
+    else:
+        for k, v in seg_data.protocol(args).items():  # the dataset's protocol where a flag was not given
+            if getattr(args, k) is None:
+                setattr(args, k, list(v) if isinstance(v, (list, tuple)) else v)
+    if args.steps is not None:  # fractions of --iters (the protocols' form) -> iterations
+        args.steps = [int(round(s * args.iters)) if s < 1 else int(s) for s in args.steps]
     common.check_args(p, args, positive=("iters", "batch_size", "lr", "crop_size", "synthetic_train", "synthetic_val",
                                          "synthetic_size", "log_every", "save_every"),
-                      non_negative=("workers", "aux_weight", "pictures"))
-    for k, v in seg_data.PROTOCOLS.get(args.data, {}).items():  # the dataset's protocol where a flag was not given
-        if getattr(args, k) is None:
-            setattr(args, k, v(args) if callable(v) else v)
+                      non_negative=("workers", "aux_weight", "pictures", "weight_decay", "min_lr"))
     if args.val_resize is not None and 0 in args.val_resize:
         args.val_resize = None
     if args.slide is not None and 0 in args.slide:
         args.slide = None
     if args.slide is not None and args.slide[1] > args.slide[0]:
         p.error("--slide CROP STRIDE: the stride must not exceed the crop (windows would leave gaps)")
-    if args.weight_decay is None:
-        args.weight_decay = 0.0 if args.task == "probe" else 1e-4 if detection else 5e-4
-    common.check_args(p, args, non_negative=("weight_decay",))
     common.split_batch(p, args)
-    if args.init_decoder and not detection and (args.task != "finetune" or args.head != "fpn"):
-        p.error("--init-decoder needs --task finetune --head fpn, or --task detect / instance")
-    if args.output_dir is None:  # one folder per configuration: another run never resumes this one's results
-        init = "random" if args.init == "random" else "-".join(Path(args.init).resolve().parts[-2:]).removesuffix(".pth")
-        config = {k: v for k, v in sorted(vars(args).items()) if k not in common.NEUTRAL_ARGS}
-        digest = hashlib.sha1(json.dumps(config, default=str).encode()).hexdigest()[:8]
-        head = (f"-{args.head}" if args.task == "finetune" else "") + ("-decoder" if args.init_decoder else "")
-        args.output_dir = f"runs/eval/{init}-{args.task}{head}-{args.data}-{digest}"
+    if args.init_decoder and not detection and (args.task != "finetune" or args.head == "linear"):
+        p.error("--init-decoder needs --task finetune --head fpn | fcn, or --task detect / instance")
     return args
+
+
+def default_output_dir(args):
+    """runs/eval/<init>-<task>[-<head>]-<data>-<hash>, the hash over every argument that changes the
+    result, the --init weights' content hash (args.init_sha) among them: another configuration, or
+    new weights under the same path, never resumes this folder's evaluation."""
+    init = "random" if args.init == "random" else "-".join(Path(args.init).resolve().parts[-2:]).removesuffix(".pth")
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in common.NEUTRAL_ARGS}
+    digest = hashlib.sha1(json.dumps(config, default=str).encode()).hexdigest()[:8]
+    head = (f"-{args.head}" if args.task == "finetune" else "") + ("-decoder" if args.init_decoder else "")
+    return f"runs/eval/{init}-{args.task}{head}-{args.data}-{digest}"
+
+
+def check_same_init(out, args):
+    """Refuse to continue an evaluation in `out` that started from other --init weights."""
+    stored = json.loads((Path(out) / "args.json").read_text()) if (Path(out) / "args.json").exists() else None
+    if stored is not None and stored.get("init_sha") != args.init_sha:
+        raise SystemExit(f"{out} holds an evaluation of other weights: --init {args.init} has changed since it started "
+                         f"(content {str(stored.get('init_sha'))[:12]} then, {args.init_sha[:12]} now). Evaluate the new "
+                         f"weights in a new folder: leave out --output-dir (the default name includes the weights' "
+                         f"hash) or give another one.")
 
 
 
@@ -193,18 +229,26 @@ def dilate(trunk, output_stride):
 
 
 def conv_bn_relu(cin, cout, k=3, d=1):
+    """Conv (no bias) + BN + ReLU, mmsegmentation's ConvModule; a 3x3 conv padded by its dilation."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=d * (k // 2), dilation=d, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
+
+
+FCN_HEADS = {  # mmsegmentation's FCNHead as the protocols configure it: (channels, dilation, concat_input, dropout)
+    "d6": lambda c5: (256, 6, False, 0.0),  # fcn_d6_r50-d16 (SlotCon's VOC and Cityscapes)
+    "d8": lambda c5: (512 if c5 >= 2048 else 256, 1, True, 0.1),  # fcn_r50-d8
+}
 
 
 class FCNHead(nn.Module):
     """FCN head of the mmsegmentation protocol: convs, concat with the input, fuse, dropout, classify."""
 
-    def __init__(self, cin, channels, num_classes, num_convs=2, concat=True):
+    def __init__(self, cin, channels, num_classes, num_convs=2, concat=True, dilation=1, dropout=0.1):
         super().__init__()
-        self.convs = nn.Sequential(*[conv_bn_relu(cin if i == 0 else channels, channels) for i in range(num_convs)])
+        self.convs = nn.Sequential(*[conv_bn_relu(cin if i == 0 else channels, channels, d=dilation)
+                                     for i in range(num_convs)])
         self.fuse = conv_bn_relu(cin + channels, channels) if concat else None
-        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+        self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
 
     def forward(self, x):
         y = self.convs(x)
@@ -239,7 +283,7 @@ class Segmenter(nn.Module):
     patch tokens); the probe keeps the backbone frozen."""
 
     def __init__(self, arch, task, head, num_classes, output_stride, aux=True, fpn_levels=("p2",), patch_size=16,
-                 img_size=224, probe_layers="c5"):
+                 img_size=224, probe_layers="c5", fcn_head="d8"):
         super().__init__()
         self.task, self.vit, self.probe_layers = task, arch.startswith("vit"), probe_layers
         self.head_type = "linear" if task == "probe" else head
@@ -260,9 +304,10 @@ class Segmenter(nn.Module):
             width = c[3] if probe_layers == "c5" else sum(c[1:])
             self.head = nn.Sequential(nn.BatchNorm2d(width, affine=False), nn.Conv2d(width, num_classes, 1))
         elif head == "fcn":
-            width = 512 if c[3] >= 2048 else 256
-            self.head = FCNHead(c[3], width, num_classes)
-            self.aux = FCNHead(c[2], width // 2, num_classes, num_convs=1, concat=False) if aux else None
+            width, dilation, concat, dropout = FCN_HEADS[fcn_head](c[3])
+            self.head = FCNHead(c[3], width, num_classes, concat=concat, dilation=dilation, dropout=dropout)
+            aux_width = 256 if c[2] >= 1024 else 128  # fcn_r50-d8's auxiliary head on C4: 256 channels, one conv
+            self.aux = FCNHead(c[2], aux_width, num_classes, num_convs=1, concat=False) if aux else None
         else:
             self.decoder = common.FPN(c, 256, fpn_levels)  # P2 feeds the head; a pre-trained decoder may bring more
             self.head = nn.Sequential(conv_bn_relu(256, 256), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
@@ -292,6 +337,27 @@ class Segmenter(nn.Module):
             return self.head(feats[3]), self.aux(feats[2]) if self.aux is not None and self.training else None, feats[3]
         p2 = self.decoder(feats)[0]  # levels are sorted: p2 first
         return self.head(p2), None, p2
+
+
+def load_decoder(model, meta, args):
+    """--init-decoder: the pre-trained decoder into the segmentation head, every tensor of it. An FPN
+    (DeCon, MCL) into --head fpn's FPN; an FCN (DeCon --decoder fcn, or the DeCon authors' FCN
+    decoder) into --head fcn's two convs, which must have its width and dilation (--fcn-head)."""
+    cfg, state = meta.get("decoder_cfg") or {}, meta.get("decoder")
+    kind = "fpn" if args.head == "fpn" else "fcn"
+    if state is None or cfg.get("type") != kind:
+        raise SystemExit(f"--init-decoder --head {args.head}: {args.init} holds no pre-trained {kind.upper()} decoder "
+                         f"(method {meta.get('method')}, decoder: {cfg.get('type') or 'none'})")
+    if kind == "fpn":
+        return model.decoder.load_state_dict(state, strict=True)
+    width, dilation = model.head.convs[0][0].out_channels, model.head.convs[0][0].dilation[0]
+    if (cfg.get("out_channels"), cfg.get("dilation")) != (width, dilation):
+        raise SystemExit(f"--init-decoder: the FCN decoder has {cfg.get('out_channels')} channels at dilation "
+                         f"{cfg.get('dilation')}, --fcn-head {args.fcn_head} {width} at {dilation}: pass --fcn-head "
+                         f"{'d6' if cfg.get('dilation') == 6 else 'd8'} (or pre-train the decoder to match)")
+    # decon.fcn_decoder's Sequential (conv, BN, ReLU, conv, BN, ReLU) -> FCNHead.convs ((conv, BN, ReLU) x 2)
+    convs = {f"{int(k.split('.')[0]) // 3}.{int(k.split('.')[0]) % 3}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+    model.head.convs.load_state_dict(convs, strict=True)
 
 
 # =================================================================================================
@@ -338,12 +404,12 @@ def pca_rgb(feat, size):
     return Image.fromarray(img).resize(size, Image.NEAREST)
 
 
-def save_pictures(rows, num_classes, path):
+def save_pictures(rows, num_classes, path, input_norm="imagenet"):
     """PNG grid: one row per image: image | ground truth | prediction | feature PCA."""
     colours = palette(num_classes)
     tiles = []
     for x, y, pred, feat in rows:
-        img = x * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
+        img = seg_data.denormalise(x, input_norm)
         img = Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))
         tiles.append([img, Image.fromarray(colours[y.numpy().astype(np.uint8)]),
                       Image.fromarray(colours[pred.numpy().astype(np.uint8)]), pca_rgb(feat, img.size)])
@@ -355,7 +421,7 @@ def save_pictures(rows, num_classes, path):
     grid.save(path)
 
 
-def slide_logits(model, x, crop, stride, dtype, device):
+def slide_logits(model, x, crop, stride, dtype, device, align_corners=False):
     """mmsegmentation's slide inference on one image (1, 3, H, W): windows of `crop` every `stride`,
     the last one flush with the border, logits (upsampled to each window) averaged where they overlap."""
     H, W = x.shape[-2:]
@@ -366,7 +432,7 @@ def slide_logits(model, x, crop, stride, dtype, device):
             window = x[..., top:top + crop, left:left + crop]
             with common.autocast(device, dtype):
                 out, _, f = model(window)
-            out = F.interpolate(out.float(), size=window.shape[-2:], mode="bilinear", align_corners=False)
+            out = F.interpolate(out.float(), size=window.shape[-2:], mode="bilinear", align_corners=align_corners)
             if logits is None:
                 logits, feat = torch.zeros(1, out.shape[1], H, W, device=x.device), f  # the first window's features: pictures only
             logits[..., top:top + crop, left:left + crop] += out
@@ -378,6 +444,7 @@ def slide_logits(model, x, crop, stride, dtype, device):
 def evaluate(model, loader, num_classes, names, args, dtype, device, pictures_path=None):
     """Confusion matrix over the validation set (summed over ranks) -> metrics; draws the pictures."""
     model.eval()
+    align = args.align_corners == "on"
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     rows = []
     for x, y, sizes in common.progress(loader, 0, 1):
@@ -385,20 +452,20 @@ def evaluate(model, loader, num_classes, names, args, dtype, device, pictures_pa
         if args.slide is None:  # the padded batch at once
             with common.autocast(device, dtype):
                 logits, _, feat = model(x)
-            logits = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=align)
         for i, ((h, w), (lh, lw)) in enumerate(sizes):  # each image's own area, at its label's size
             if args.slide is not None:  # each image alone, unpadded, as mmsegmentation's slide mode
-                logits_i, feat_i = slide_logits(model, x[i:i + 1, :, :h, :w], *args.slide, dtype, device)
+                logits_i, feat_i = slide_logits(model, x[i:i + 1, :, :h, :w], *args.slide, dtype, device, align)
             else:
                 logits_i, feat_i = logits[i:i + 1, :, :h, :w], feat[i:i + 1]
-            pred = F.interpolate(logits_i, size=(lh, lw), mode="bilinear", align_corners=False).argmax(1)[0]
+            pred = F.interpolate(logits_i, size=(lh, lw), mode="bilinear", align_corners=align).argmax(1)[0]
             conf += confusion(pred, y[i, :lh, :lw], num_classes)
             if pictures_path and len(rows) < args.pictures:
                 rows.append((x[i, :, :h, :w].cpu(), y[i, :lh, :lw].cpu(), pred.cpu(), feat_i[0].cpu()))
     if common.world_size() > 1:
         dist.all_reduce(conf)
     if pictures_path and common.is_main() and rows:
-        save_pictures(rows, num_classes, pictures_path)
+        save_pictures(rows, num_classes, pictures_path, args.input_norm)
     model.train()
     return metrics_from_confusion(conf.cpu(), names)
 
@@ -457,12 +524,20 @@ def cached_probe(model, args, device, dtype, log):
         log.write(step=epoch + 1, loss=total.item() / len(feats), lr=schedule.get_last_lr()[0])
 
 
+def lr_at(step, args):
+    """The protocol's lr at `step`: x0.1 at each of --steps (mmsegmentation's step policy), else poly
+    0.9 from --lr down to --min-lr: (lr - min_lr)(1 - step / iters)^0.9 + min_lr."""
+    if args.steps:
+        return args.lr * 0.1 ** sum(step >= s for s in args.steps)
+    return (args.lr - args.min_lr) * (1 - step / args.iters) ** 0.9 + args.min_lr
+
+
 def train_step(x, y, model, optimizer, scaler, args, dtype, device):
     """One segmentation iteration; returns the loss tensor (no host sync)."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     with common.autocast(device, dtype):
         logits, aux, _ = model(x)
-        up = lambda t: F.interpolate(t.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        up = lambda t: F.interpolate(t.float(), size=y.shape[-2:], mode="bilinear", align_corners=args.align_corners == "on")
         loss = F.cross_entropy(up(logits), y, ignore_index=seg_data.IGNORE)
         if aux is not None:
             loss = loss + args.aux_weight * F.cross_entropy(up(aux), y, ignore_index=seg_data.IGNORE)
@@ -480,29 +555,39 @@ def main(argv=None):
     args = get_args(argv)
     if args.export:
         return weights.export(args)
+    args.init_sha = weights.init_digest(args.init)  # the weights' identity: part of the folder name and the resume check
     if args.task in ("detect", "instance"):  # detection.py: R-CNN, COCO AP
         from evaluation import detection
+        args.output_dir = args.output_dir or default_output_dir(args)
+        check_same_init(args.output_dir, args)
         return detection.run(args)
+    backbone_state, meta = weights.load_init(args.init)
+    arch = args.arch or meta.get("arch") or "resnet50"
+    if args.task == "finetune" and args.head is None:  # an FCN on C5 for a ResNet; a ViT has no C5
+        args.head = "fpn" if arch.startswith("vit") else "fcn"
+    if arch.startswith("vit") and args.task == "finetune" and args.head == "fcn":
+        raise SystemExit(f"--head fcn needs a ResNet's C4/C5; --arch {arch} takes --head fpn (a simple feature "
+                         f"pyramid from the patch tokens, the default) or --head linear")
+    args.output_dir = args.output_dir or default_output_dir(args)
+    check_same_init(args.output_dir, args)
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
     out = common.prepare_output(args, __file__)
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
-
-    backbone_state, meta = weights.load_init(args.init)
-    arch = args.arch or meta.get("arch") or "resnet50"
     train_loader, val_loader, num_classes, names = seg_data.build_data(args, device)
     levels = (meta.get("decoder_cfg") or {}).get("levels", ["p2"]) if args.init_decoder else ["p2"]
     img_size = meta.get("img_size", args.crop_size if args.init == "random" else 224)  # a ViT's positional table
-    model = Segmenter(arch, args.task, args.head, num_classes, args.output_stride, fpn_levels=levels,
-                      patch_size=args.patch_size or meta.get("patch_size", 16), img_size=img_size,
-                      probe_layers=args.probe_layers).to(device)
+    patch_size = args.patch_size or meta.get("patch_size", 16)
+    if arch.startswith("vit") and backbone_state is not None:  # a file without metadata: read off its tensors
+        patch_size, img_size = weights.vit_geometry(backbone_state, meta, args.patch_size)
+    model = Segmenter(arch, args.task, args.head, num_classes, args.output_stride, aux=args.aux_weight > 0,
+                      fpn_levels=levels, patch_size=patch_size, img_size=img_size,
+                      probe_layers=args.probe_layers, fcn_head=args.fcn_head).to(device)
     if backbone_state is not None:
         weights.load_backbone(model.backbone, backbone_state, arch, meta, args.init)
     if args.init_decoder:
-        if meta.get("decoder") is None or (meta.get("decoder_cfg") or {}).get("type") != "fpn":
-            raise ValueError(f"--init-decoder: {args.init} holds no pre-trained FPN decoder (method {meta.get('method')})")
-        model.decoder.load_state_dict(meta["decoder"], strict=True)
+        load_decoder(model, meta, args)
     if args.task == "probe":
         model.backbone.requires_grad_(False).eval()
     else:  # the papers' detectron2/mmsegmentation configs use SyncBN (under torchrun on CUDA)
@@ -519,8 +604,8 @@ def main(argv=None):
                   + (f" resized to fit {args.val_resize[0]} x {args.val_resize[1]}" if args.val_resize else " at native size"))
 
     if args.probe_cache:  # the frozen features once, then the linear head to convergence on them
+        common.write_run_record(out, args)
         cached_probe(model, args, device, dtype, log)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2)) if common.is_main() else None
         return finish(model, val_loader, num_classes, names, meta, arch, args, dtype, device, out)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, foreach=True)
@@ -535,15 +620,16 @@ def main(argv=None):
         model.backbone.eval()  # frozen statistics: the probe measures the features as they are
     running, tick, tick_step = torch.zeros((), device=device), time.time(), step
     common.catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, exit
-    epoch = step // len(train_loader)
+    steps_per_epoch = len(train_loader)  # before a mid-epoch resume shortens the sampler
+    epoch, epochs = step // steps_per_epoch, -(-args.iters // steps_per_epoch)
     while step < args.iters:
         train_loader.sampler.set_epoch(epoch)
-        train_loader.sampler.skip = (step - epoch * len(train_loader)) * args.batch_per_rank
-        bar = common.progress(train_loader, epoch, -(-args.iters // len(train_loader)))
+        train_loader.sampler.skip = (step - epoch * steps_per_epoch) * args.batch_per_rank
+        bar = common.progress(train_loader, epoch, epochs)
         for x, y in bar:
             if step >= args.iters:
                 break
-            lr = args.lr * (1 - step / args.iters) ** 0.9  # poly
+            lr = lr_at(step, args)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             running += train_step(x, y, net, optimizer, scaler, args, dtype, device)

@@ -234,17 +234,6 @@ def lars_param_groups(student):
             {"params": [p for p in params if id(p) in excluded], "lars_exclude": True, "weight_decay": 0.0}]
 
 
-def lr_schedule(args, steps_per_epoch):
-    """The official schedule (mmcv CosineAnnealing, by iteration, linear warm-up): a cosine from the
-    base lr to --min-lr over *all* iterations, multiplied during the warm-up by a factor rising
-    linearly from --warmup-ratio to 1."""
-    total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    k = np.arange(total)
-    cosine = args.min_lr + 0.5 * (args.scaled_lr - args.min_lr) * (1 + np.cos(np.pi * k / total))
-    ramp = np.where(k < warmup, 1 - (1 - k / max(warmup, 1)) * (1 - args.warmup_ratio), 1.0)
-    return (cosine * ramp).tolist()
-
-
 # =================================================================================================
 # Montage (data-side geometry; the model above reads its output by ratio and slot)
 # =================================================================================================
@@ -379,6 +368,17 @@ def save_montage_png(views, args, path):
 # =================================================================================================
 # Train step
 # =================================================================================================
+def lr_schedule(args, steps_per_epoch):
+    """The official schedule (mmcv CosineAnnealing, by iteration, linear warm-up): a cosine from the
+    base lr to --min-lr over *all* iterations, multiplied during the warm-up by a factor rising
+    linearly from --warmup-ratio to 1."""
+    total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    k = np.arange(total)
+    cosine = args.min_lr + 0.5 * (args.scaled_lr - args.min_lr) * (1 + np.cos(np.pi * k / total))
+    ramp = np.where(k < warmup, 1 - (1 - k / max(warmup, 1)) * (1 - args.warmup_ratio), 1.0)
+    return (cosine * ramp).tolist()
+
+
 def train_step(views, student, target, params_t, params_o, m, optimizer, scaler, level_weights, args, dtype, device):
     """One MCL iteration; returns (total, per-level) loss tensors (no host sync)."""
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

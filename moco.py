@@ -187,6 +187,12 @@ def build_data(args, device):
 # =================================================================================================
 # Train step
 # =================================================================================================
+def schedule(args, steps_per_epoch):
+    """The lr of every step, as main_moco.py's adjust_learning_rate with --cos: lr·(1 + cos(pi·e/E))/2
+    for epoch e of E, held over the epoch; no warm-up."""
+    return common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)
+
+
 def train_step(views, model_q, encoder_k, queue, params_k, params_q, optimizer, scaler, args, dtype, device):
     """One MoCo v2 iteration; returns the loss tensor (no host sync)."""
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -227,7 +233,7 @@ def main(argv=None):
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
-    lr_schedule = common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)  # per epoch, as MoCo
+    lr_schedule = schedule(args, steps_per_epoch)
     common.print0(f"MoCo v2 | {args.arch} {args.image_size}px | {world} process(es) x {args.batch_per_rank} images | "
                   f"lr {args.lr:g} | {steps_per_epoch} steps/epoch, {total_steps} in all | "
                   f"amp {dtype} | device {device} | output {out}")

@@ -1,5 +1,4 @@
-"""The benchmarks, one command line: step time against the floor, losses against naive loops, the
-loader, one GPU window, and the miniature reproduction.
+"""The benchmarks: step time, losses, the loader, a GPU window and the miniature reproduction.
 
     python benchmarks/bench.py speed --arch resnet50 --image-size 224 --batch-size 8   # CPU or CUDA (speed.py)
     python benchmarks/bench.py loss                                # batched losses vs naive loops (speed.py)

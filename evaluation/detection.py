@@ -28,6 +28,7 @@ R-CNN C4 protocol is not implemented.
 """
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,34 +101,72 @@ class SyntheticInstances(Dataset):
 
 class CocoInstances(Dataset):
     """COCO's instances_{split}2017.json: boxes (xywh -> xyxy), the 80 categories as 1-80, masks
-    from polygons or RLE; crowd and degenerate boxes left out of training, as detectron2."""
+    from polygons or RLE; crowd boxes left out of training (evaluation ignores them), as detectron2.
+    Training and evaluation see the same annotations: a box without area (width or height <= 0) and
+    an image whose file is missing are left out of both, with one warning each; an unreadable image
+    is skipped with one warning (training reads the next, evaluation leaves its id out); a category
+    id that `categories` lacks stops with the file and the annotation named."""
 
     def __init__(self, root, split, train, with_masks):
         from pycocotools.coco import COCO
         ann = Path(root) / "coco" / "annotations" / f"instances_{split}2017.json"
         if not ann.exists():
-            raise FileNotFoundError(f"--data coco: {ann} not found; expected coco/{{train2017,val2017}} and "
-                                    f"coco/annotations/instances_{{train,val}}2017.json below --data-root")
+            raise SystemExit(f"--data coco: {ann} not found; expected coco/{{train2017,val2017}} and "
+                             f"coco/annotations/instances_{{train,val}}2017.json below --data-root")
         self.coco, self.folder = COCO(str(ann)), Path(root) / "coco" / f"{split}2017"
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.clean(ann)
         self.ids = sorted(self.coco.getImgIds())
         if train:  # images without a usable object teach nothing (detectron2 drops them too)
             self.ids = [i for i in self.ids if any(not a["iscrowd"] for a in self.coco.loadAnns(self.coco.getAnnIds(i)))]
-        self.cat_ids = sorted(self.coco.getCatIds())
         self.label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.train, self.with_masks = train, with_masks
+        self.warn_once = common.WarnOnce()
+
+    def clean(self, ann):
+        """Check the annotations against `categories` and the image files; drop boxes without area and
+        images without a file (and their annotations), so training and evaluation see the same."""
+        data, known = self.coco.dataset, set(self.cat_ids)
+        for a in data.get("annotations", []):
+            if a["category_id"] not in known:
+                raise SystemExit(f"{ann}: annotation {a['id']} (image {a['image_id']}) has category_id "
+                                 f"{a['category_id']}, which its 'categories' lack ({sorted(known)[:10]}...): fix the "
+                                 f"file (or add the category)")
+        empty = [a["id"] for a in data.get("annotations", []) if a["bbox"][2] <= 0 or a["bbox"][3] <= 0]
+        missing = {im["id"]: im["file_name"] for im in data.get("images", []) if not (self.folder / im["file_name"]).is_file()}
+        if empty:
+            warnings.warn(f"{ann}: {len(empty)} box(es) without area (width or height <= 0; annotation ids "
+                          f"{empty[:5]}{' ...' if len(empty) > 5 else ''}) left out of training and evaluation")
+        if missing:
+            warnings.warn(f"{ann}: {len(missing)} image file(s) missing below {self.folder} (e.g. "
+                          f"{next(iter(missing.values()))}): left out of training and evaluation")
+        if empty or missing:
+            drop = set(empty)
+            data["annotations"] = [a for a in data["annotations"] if a["id"] not in drop and a["image_id"] not in missing]
+            data["images"] = [im for im in data["images"] if im["id"] not in missing]
+            self.coco.createIndex()
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        info = self.coco.loadImgs(self.ids[i])[0]
-        img = common.open_rgb(self.folder / info["file_name"])
-        anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(self.ids[i])) if not a["iscrowd"]
-                and a["bbox"][2] > 1 and a["bbox"][3] > 1]
+        for attempt in range(len(self.ids)):  # an unreadable image: one warning, then the next (training)
+            info = self.coco.loadImgs(self.ids[(i + attempt) % len(self.ids)])[0]
+            path = self.folder / info["file_name"]
+            try:
+                img = common.open_rgb(path)
+                break
+            except Exception as e:
+                self.warn_once(str(path), f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+                if not self.train:  # evaluation: no prediction for it, and its id left out of the AP
+                    return None, {"image_id": info["id"]}
+        else:
+            raise SystemExit(f"--data coco: no image of {self.folder} can be read")
+        anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(info["id"])) if not a["iscrowd"]]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in anns], dtype=torch.float32).reshape(-1, 4)
         target = {"boxes": boxes, "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
-                  "image_id": self.ids[i]}
+                  "image_id": info["id"]}
         if self.with_masks:
             target["masks"] = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns]) if anns else
                                                np.zeros((0, info["height"], info["width"]), np.uint8))
@@ -247,7 +286,13 @@ def evaluate(model, loader, gt, names, args, dtype, device, out):
     model.eval()
     label_to_cat = (loader.dataset.cat_ids if isinstance(loader.dataset, CocoInstances) else list(range(1, len(names) + 1)))
     results, pictures = [], []
+    evaluated = []  # the image ids predicted: an unreadable one (None) is left out of the AP
     for images, targets in common.progress(loader, 0, 1):
+        kept = [(x, t) for x, t in zip(images, targets) if x is not None]
+        if not kept:
+            continue
+        images, targets = zip(*kept)
+        evaluated += [int(t["image_id"]) for t in targets]
         with common.autocast(device, dtype):
             outputs = model([x.to(device) for x in images])
         for x, t, o in zip(images, targets, outputs):
@@ -264,8 +309,8 @@ def evaluate(model, loader, gt, names, args, dtype, device, out):
                 pictures.append((x, o))
     if common.world_size() > 1:
         gathered = [None] * common.world_size()
-        dist.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
+        dist.all_gather_object(gathered, (results, evaluated))
+        results, evaluated = [r for part, _ in gathered for r in part], [i for _, ids in gathered for i in ids]
     model.train()
     if not common.is_main():
         return None
@@ -276,6 +321,7 @@ def evaluate(model, loader, gt, names, args, dtype, device, out):
             metrics.update({f"{name}_AP": 0.0, f"{name}_AP50": 0.0, f"{name}_AP75": 0.0})
             continue
         ev = COCOeval(gt, gt.loadRes(results), kind)
+        ev.params.imgIds = sorted(set(evaluated))
         ev.evaluate(), ev.accumulate(), ev.summarize()
         ap = [max(float(v), 0.0) * 100 for v in ev.stats[:3]]  # -1 (no ground truth) reads as 0
         metrics.update({f"{name}_AP": ap[0], f"{name}_AP50": ap[1], f"{name}_AP75": ap[2]})
@@ -342,11 +388,12 @@ def run(args):
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     tick, tick_step = time.time(), step
     common.catch_stop_signals()
-    epoch = step // len(train_loader)
+    steps_per_epoch = len(train_loader)  # before a mid-epoch resume shortens the sampler
+    epoch, epochs = step // steps_per_epoch, -(-args.iters // steps_per_epoch)
     while step < args.iters:
         train_loader.sampler.set_epoch(epoch)
-        train_loader.sampler.skip = (step - epoch * len(train_loader)) * args.batch_per_rank
-        bar = common.progress(train_loader, epoch, -(-args.iters // len(train_loader)))
+        train_loader.sampler.skip = (step - epoch * steps_per_epoch) * args.batch_per_rank
+        bar = common.progress(train_loader, epoch, epochs)
         for images, targets in bar:
             if step >= args.iters:
                 break

@@ -16,15 +16,62 @@ import common
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 IGNORE = 255
-# The test-time and augmentation protocol per dataset: mmsegmentation's FCN-d8 configs as SlotCon's
-# transfer/segmentation uses them (pascal_voc12_aug.py, cityscapes_769x769.py, ade20k.py). Flags
-# left unset take these values; the synthetic scenes keep plain crops (their colours are random).
+# The protocol of each --protocol and --data: the mmsegmentation configs each repository runs, read
+# from them. Flags left unset take these values. The first group is the data (crop, training scale
+# base_size x U(--scale-range 0.5 2), crops re-drawn while one class covers more than cat_max,
+# photometric distortion, test resize or sliding windows, logits resized with align_corners, input
+# normalisation); the second the fine-tuning (iterations, global batch, SGD lr with x0.1 steps, as
+# fractions of the iterations: 21k/27k of 30k and 63k/81k of 90k are 70% and 90%, or poly 0.9 to min_lr, weight decay, output stride, FCN head, auxiliary head weight). The probe
+# (--task probe) takes the data group only.
+SLOTCON_ADE20K = dict(  # SlotCon's README: ade20k/fcn_r50-d8_512x512_80k_ade20k.py (4 GPUs x 4)
+    crop_size=512, base_size=512, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None,
+    align_corners="off", input_norm="imagenet",
+    iters=80000, batch_size=16, lr=0.01, steps=None, min_lr=1e-4, weight_decay=5e-4, output_stride=8, fcn_head="d8",
+    aux_weight=0.4)
 PROTOCOLS = {
-    "voc": dict(base_size=lambda a: a.crop_size, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None),
-    "ade20k": dict(base_size=lambda a: a.crop_size, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None),
-    "cityscapes": dict(base_size=1024, cat_max=0.75, photometric="on", val_resize=None, slide=[769, 513]),
-    "synthetic": dict(base_size=lambda a: a.crop_size, cat_max=1.0, photometric="off", val_resize=None, slide=None),
+    "slotcon": {  # CVMI-Lab/SlotCon's README, transfer/segmentation: the DeCon and SlotCon papers' tables
+        "voc": dict(  # voc12aug/fcn_d6_r50-d16_513x513_30k_voc12aug_moco.py (2 GPUs x 8)
+            crop_size=513, base_size=513, cat_max=1.0, photometric="off", val_resize=[513, 2049], slide=None,
+            align_corners="on", input_norm="moco-configs",
+            iters=30000, batch_size=16, lr=0.003, steps=[0.7, 0.9], min_lr=0.0, weight_decay=1e-4,
+            output_stride=16, fcn_head="d6", aux_weight=0.0),
+        "cityscapes": dict(  # cityscapes/fcn_d6_r50-d16_769x769_90k_cityscapes_moco.py (2 GPUs x 8)
+            crop_size=769, base_size=1024, cat_max=1.0, photometric="off", val_resize=None, slide=[769, 513],
+            align_corners="on", input_norm="moco-configs",
+            iters=90000, batch_size=16, lr=0.01, steps=[0.7, 0.9], min_lr=0.0, weight_decay=1e-4,
+            output_stride=16, fcn_head="d6", aux_weight=0.0),
+        "ade20k": SLOTCON_ADE20K,
+    },
+    "densecl": {  # WXinlong/mmsegmentation (DenseCL's fork), configs/densecl: the DenseCL paper's tables
+        "voc": dict(  # fcn_r50-d8_512x512_20k_voc12aug.py (4 per GPU; the GPU count is not in the config)
+            crop_size=512, base_size=512, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None,
+            align_corners="off", input_norm="imagenet",
+            iters=20000, batch_size=16, lr=0.01, steps=None, min_lr=1e-4, weight_decay=5e-4, output_stride=8,
+            fcn_head="d8", aux_weight=0.4),
+        "cityscapes": dict(  # fcn_r50-d8_769x769_40k_cityscapes.py (4 GPUs x 2)
+            crop_size=769, base_size=1024, cat_max=0.75, photometric="on", val_resize=None, slide=[769, 513],
+            align_corners="on", input_norm="imagenet",
+            iters=40000, batch_size=8, lr=0.01, steps=None, min_lr=1e-4, weight_decay=5e-4, output_stride=8,
+            fcn_head="d8", aux_weight=0.4),
+        "ade20k": SLOTCON_ADE20K,  # the fork has no ADE20K config: mmsegmentation's own, as SlotCon runs it
+    },
 }
+SYNTHETIC = dict(  # this project's: plain crops (the scenes' colours are random), a short schedule
+    crop_size=224, base_size=224, cat_max=1.0, photometric="off", val_resize=None, slide=None, align_corners="off",
+    input_norm="imagenet",
+    iters=2000, batch_size=16, lr=0.01, steps=None, min_lr=0.0, weight_decay=5e-4, output_stride=16, fcn_head="d8",
+    aux_weight=0.4)
+DATA_KEYS = ("crop_size", "base_size", "cat_max", "photometric", "val_resize", "slide", "align_corners", "input_norm")
+PROBE = dict(iters=2000, batch_size=16, lr=0.01, steps=None, min_lr=0.0, weight_decay=0.0, output_stride=16,
+             fcn_head="d8", aux_weight=0.4)  # the dense linear probe's training, on every dataset
+
+
+def protocol(args):
+    """The defaults of --protocol for --data and --task (see PROTOCOLS)."""
+    table = SYNTHETIC if args.data == "synthetic" else PROTOCOLS[args.protocol][args.data]
+    if args.task == "probe":
+        return {**{k: table[k] for k in DATA_KEYS}, **PROBE}
+    return dict(table)
 
 
 def cityscapes_lut():
@@ -102,10 +149,19 @@ class SegFiles(Dataset):
         return self.transform(img, label)
 
 
-def normalise(img):
-    """PIL image -> (3, H, W) float tensor with ImageNet mean/std."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+def normalise(img, mode="imagenet"):
+    """PIL image -> (3, H, W) float tensor. "imagenet": (x - mean) / std on [0, 1] pixels, as the
+    pre-training. "moco-configs": the same mean and std applied to [0, 255] pixels, as SlotCon's
+    *_moco dataset configs do (mmsegmentation normalises 0-255 pixels; those configs give the 0-1
+    constants): inputs about 255 times larger, which the first BatchNorm absorbs."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / (1.0 if mode == "moco-configs" else 255.0)).permute(2, 0, 1)
     return (x - torch.tensor(common.IMAGENET_MEAN)[:, None, None]) / torch.tensor(common.IMAGENET_STD)[:, None, None]
+
+
+def denormalise(x, mode="imagenet"):
+    """normalise's inverse, to [0, 1] pixels (for the pictures)."""
+    x = x * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
+    return x / 255.0 if mode == "moco-configs" else x
 
 
 def photometric(img):
@@ -134,9 +190,9 @@ class TrainTransform:
     one class covers more than cat_max of it, as mmsegmentation's RandomCrop), flip, photometric
     distortion; padded with ignore to the crop."""
 
-    def __init__(self, crop, scale_range=(0.5, 2.0), base_size=None, cat_max=1.0, distort=False):
+    def __init__(self, crop, scale_range=(0.5, 2.0), base_size=None, cat_max=1.0, distort=False, norm="imagenet"):
         self.crop, self.scale_range, self.base = crop, scale_range, base_size or crop
-        self.cat_max, self.distort = cat_max, distort
+        self.cat_max, self.distort, self.norm = cat_max, distort, norm
 
     def __call__(self, img, label):
         scale = np.random.uniform(*self.scale_range) * self.base / min(img.size)
@@ -152,26 +208,29 @@ class TrainTransform:
         img, y = img.crop(box), y[box[1]:box[3], box[0]:box[2]]
         if np.random.rand() < 0.5:
             img, y = img.transpose(Image.FLIP_LEFT_RIGHT), y.flip(-1)
-        x = normalise(photometric(img) if self.distort else img)  # (3, h', w')
+        x = normalise(photometric(img) if self.distort else img, self.norm)  # (3, h', w')
         ph, pw = self.crop - x.shape[1], self.crop - x.shape[2]
         return F.pad(x, (0, pw, 0, ph)), F.pad(y, (0, pw, 0, ph), value=IGNORE)
 
 
-def val_transform(img, label):
+def val_transform(img, label, norm="imagenet"):
     """Whole image, normalised; the label as is."""
-    return normalise(img), torch.from_numpy(np.asarray(label)).long()
+    return normalise(img, norm), torch.from_numpy(np.asarray(label)).long()
 
 
-class ResizedVal:
-    """The protocols' test resize: the image scaled to fit (long, short) keeping its ratio (VOC:
-    (2048, 512), mmsegmentation's img_scale); the label stays at its size, logits are resized to it."""
+class ValTransform:
+    """The protocols' test input: the whole image, or scaled to fit (short, long) keeping its ratio
+    (VOC: (512, 2048), mmsegmentation's img_scale); the label stays at its size, logits are resized
+    to it."""
 
-    def __init__(self, short, long):
-        self.short, self.long = short, long
+    def __init__(self, resize=None, norm="imagenet"):
+        self.resize, self.norm = resize, norm
 
     def __call__(self, img, label):
-        s = min(self.short / min(img.size), self.long / max(img.size))
-        return val_transform(img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR), label)
+        if self.resize:
+            s = min(self.resize[0] / min(img.size), self.resize[1] / max(img.size))
+            img = img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR)
+        return val_transform(img, label, self.norm)
 
 
 def pad_collate(batch):
@@ -187,20 +246,20 @@ def pad_collate(batch):
 
 def build_data(args, device):
     """Training and validation loaders, the class count and the class names."""
-    augment = TrainTransform(args.crop_size, args.scale_range, args.base_size, args.cat_max, args.photometric == "on")
+    augment = TrainTransform(args.crop_size, args.scale_range, args.base_size, args.cat_max, args.photometric == "on",
+                             args.input_norm)
+    test_input = ValTransform(args.val_resize, args.input_norm)
     if args.data == "synthetic":
         train = common.SyntheticScenes(args.synthetic_train, args.synthetic_size, seed=args.seed, split="train",
                                        transform=augment, with_labels=True, style=args.synthetic_style)
         val = common.SyntheticScenes(args.synthetic_val, args.synthetic_size, seed=args.seed, split="val",
-                                     transform=val_transform, with_labels=True, style=args.synthetic_style)
+                                     transform=test_input, with_labels=True, style=args.synthetic_style)
         num_classes, names = len(common.SYNTHETIC_CLASSES), list(common.SYNTHETIC_CLASSES)
     else:
         pairs, num_classes, lut = seg_pairs(args.data, args.data_root, "train")
         val_pairs, _, _ = seg_pairs(args.data, args.data_root, "val")
-        train, val = SegFiles(pairs, lut, augment), SegFiles(val_pairs, lut, val_transform)
+        train, val = SegFiles(pairs, lut, augment), SegFiles(val_pairs, lut, test_input)
         names = [str(i) for i in range(num_classes)]
-    if args.val_resize:
-        val.transform = ResizedVal(*args.val_resize)
     train_loader = common.make_loader(train, args.batch_per_rank, args.workers, args.seed, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     # every validation image exactly once over the ranks (DistributedSampler would pad with repeats)

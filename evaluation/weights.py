@@ -9,15 +9,17 @@ Layouts read (key names and nesting as the official code saves them, read from t
 | MoCo (main_moco.py) | `{"epoch", "arch", "state_dict", "optimizer"}` | `module.encoder_q.*` (the query encoder) | - |
 | OpenSelfSup (DenseCL, MCL; mmcv) | `{"meta", "state_dict", "optimizer"}` | `backbone.*` (the online / query encoder) | MCL: FPN `encoder_q.1.*`, region head `encoder_q.2.cls_convs.*` |
 | DenseCL converted (extract_backbone_weights.py) | `{"state_dict", "author"}` | torchvision names | - |
-| SlotCon (main_pretrain.py) | `{"opt", "model", "optimizer", "scheduler", "epoch"}` | `module.encoder_k.*` (the teacher) | - |
+| SlotCon (main_pretrain.py) | `{"args", "model", "optimizer", "scheduler", "epoch"}` | `[module.]encoder_k.*` (the teacher) | - |
+| DeCon (its SlotCon fork) | as SlotCon | `[module.]encoder_k.*` (the teacher) | the teacher decoder `decoder_k.*`: FPN (detectron2 names) or FCN (mmsegmentation's) |
 | DINO / ADCLR-PQCL (main_dino.py) | `{"student", "teacher", "optimizer", "epoch", "args", "dino_loss"}` | `teacher`'s `backbone.*` | - |
 | a plain state dict | tensors | torchvision or timm/DINO names (`module.` dropped) | - |
 
-DeCon's decoder: the DeCon repository could not be read for this project, so its decoder's key
-names are not known here; its teacher encoder reads as SlotCon's. Whatever the layout, every tensor
-of the backbone must be found: a partial match is refused, never exported or evaluated.
+`module.` is the DistributedDataParallel prefix: a one-GPU checkpoint has none, and reads the same.
+Whatever the layout, every tensor of the backbone must be found: a partial match is refused, never
+exported or evaluated.
 """
 import argparse
+import hashlib
 import pickle
 import re
 from pathlib import Path
@@ -76,17 +78,73 @@ def _mmcv_region_head(state, prefix):
     return out
 
 
+def _decon_decoder(state, args, path):
+    """The DeCon authors' teacher decoder (`decoder_k.*`) in this project's names, and its config:
+    their FPN is detectron2's (fpn_lateral{2-5}, fpn_output{2-5}, each conv with a `.norm`; only
+    fpn_output2 is kept for DeCon-SL) -> common.FPN (lateral.i.0/1, output.pN.0/1); their FCN is
+    mmsegmentation's FCNHead convs (convs.{0,1}.conv / .bn) -> decon.fcn_decoder's (0/1, 3/4), its
+    dilation from the checkpoint's args (decoder_downstream_dataset: cityscapes 6, ade20k 1).
+    (None, None) when the checkpoint has no decoder (SlotCon)."""
+    if not state:
+        return None, None
+    out = {}
+    if any(k.startswith("fpn_") for k in state):
+        for k, v in state.items():
+            m = re.match(r"fpn_(lateral|output)(\d)\.(norm\.)?(.+)", k)
+            if not m:
+                raise SystemExit(f"--init {path}: unknown key decoder_k.{k} in a DeCon FPN decoder")
+            kind, level, norm, param = m.groups()
+            head = f"lateral.{int(level) - 2}" if kind == "lateral" else f"output.p{level}"
+            out[f"{head}.{1 if norm else 0}.{param}"] = v
+        levels = sorted({k.split(".")[1] for k in out if k.startswith("output.")})
+        in_channels = [out[f"lateral.{i}.0.weight"].shape[1] for i in range(4)]
+        return out, {"type": "fpn", "in_channels": in_channels, "out_channels": out["lateral.0.0.weight"].shape[0],
+                     "levels": levels}
+    for k, v in state.items():
+        m = re.match(r"convs\.(\d)\.(conv|bn)\.(.+)", k)
+        if not m:
+            raise SystemExit(f"--init {path}: unknown key decoder_k.{k} in a DeCon FCN decoder")
+        i, layer, param = m.groups()
+        out[f"{3 * int(i) + (0 if layer == 'conv' else 1)}.{param}"] = v
+    dataset = getattr(args, "decoder_downstream_dataset", None)
+    if dataset not in ("cityscapes", "ade20k"):
+        raise SystemExit(f"--init {path}: an FCN decoder whose dilation the checkpoint's args do not give "
+                         f"(decoder_downstream_dataset: {dataset!r}; DeCon builds cityscapes at 6, ade20k at 1)")
+    return out, {"type": "fcn", "in_channels": out["0.weight"].shape[1], "out_channels": out["0.weight"].shape[0],
+                 "dilation": 6 if dataset == "cityscapes" else 1}
+
+
+def init_file(init):
+    """The file --init names: itself, or a run folder's downstream.pth; a clear error if it is missing."""
+    path = Path(init)
+    if path.is_dir():
+        path = path / "downstream.pth"
+    if not path.is_file():
+        raise SystemExit(f"--init {init}: {path} does not exist. Give a run folder (with downstream.pth: the run "
+                         f"writes it when it finishes), a downstream.pth, an official checkpoint (docs/downstream.md: "
+                         f"Use the authors' weights) or 'random'.")
+    return path
+
+
+def init_digest(init):
+    """The content hash (SHA-1) of the file --init names ('random' for a random init): the identity of
+    the weights an evaluation starts from, so that new weights under an old path never resume an old
+    evaluation."""
+    if init == "random":
+        return "random"
+    digest = hashlib.sha1()
+    with open(init_file(init), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_init(init):
     """(backbone state dict or None, metadata) for --init: `random`, a run folder, this project's
     downstream.pth, or one of the official layouts above (detected from its keys)."""
     if init == "random":
         return None, {"method": "random"}
-    path = Path(init)
-    if path.is_dir():
-        path = path / "downstream.pth"
-    if not path.exists():
-        raise FileNotFoundError(f"--init {init}: {path} does not exist. Give a run folder (with downstream.pth), "
-                                f"a downstream.pth, an official checkpoint (docs/downstream.md: Use the authors' weights) or 'random'.")
+    path = init_file(init)
     obj = read_checkpoint(path)
     if not isinstance(obj, dict):
         raise SystemExit(f"--init {init}: {path} holds a {type(obj).__name__}, not a state dict or checkpoint")
@@ -98,8 +156,14 @@ def load_init(init):
     if "teacher" in obj and isinstance(obj["teacher"], dict):  # DINO / ADCLR (PQCL): the teacher
         teacher = {k.removeprefix("module."): v for k, v in obj["teacher"].items()}
         return _found(_strip(teacher, "backbone."), dict(meta, method="dino-layout (teacher)"), path)
-    if "model" in obj and any(k.startswith("module.encoder_k.") for k in obj["model"]):  # SlotCon: the teacher
-        return _found(_strip(obj["model"], "module.encoder_k."), dict(meta, method="slotcon-layout (teacher)"), path)
+    model = obj.get("model")
+    if isinstance(model, dict) and any(k.split(".")[0] == "encoder_k" or k.startswith("module.encoder_k.") for k in model):
+        # SlotCon / DeCon (main_pretrain.py): the teacher, `module.` under DDP, without it on one GPU
+        prefix = "module." if any(k.startswith("module.encoder_k.") for k in model) else ""
+        decoder, cfg = _decon_decoder(_strip(model, prefix + "decoder_k."), obj.get("args"), path)
+        meta.update(method="decon-layout (teacher)" if decoder else "slotcon-layout (teacher)", decoder=decoder,
+                    decoder_cfg=cfg)
+        return _found(_strip(model, prefix + "encoder_k."), meta, path)
     state = obj.get("state_dict", obj)
     if any(k.startswith("module.encoder_q.") for k in state):  # MoCo: the query encoder, without its fc head
         backbone = {k: v for k, v in _strip(state, "module.encoder_q.").items() if not k.startswith("fc.")}
@@ -131,6 +195,10 @@ def load_backbone(backbone, state, arch, meta, init):
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if wrong and "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].shape[-2:] != own["patch_embed.proj.weight"].shape[-2:]:
+        raise SystemExit(f"--init {init} is a ViT with {state['patch_embed.proj.weight'].shape[-1]}-pixel patches, the "
+                         f"model {own['patch_embed.proj.weight'].shape[-1]}: pass --patch-size "
+                         f"{state['patch_embed.proj.weight'].shape[-1]}")
     if missing or unexpected or wrong:
         stored = meta.get("arch") or "not recorded"
         raise SystemExit(f"--init {init} does not fit a {arch} (the file's architecture: {stored}; layout "
@@ -174,7 +242,17 @@ def to_detectron2(backbone, decoder=None, region_head_convs=None):
     return out
 
 
-TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+TIMM_NAMES = {("vit_tiny", 16): "vit_tiny_patch16_224", ("vit_small", 16): "vit_small_patch16_224",
+              ("vit_small", 8): "vit_small_patch8_224", ("vit_base", 16): "vit_base_patch16_224",
+              ("vit_base", 8): "vit_base_patch8_224"}  # (arch, patch) -> timm's model; vit_micro has none
+
+
+def vit_geometry(state, meta, patch_size=None):
+    """(patch size, image size) of a ViT state dict: --patch-size, else the file's metadata, else
+    read off the tensors (the patch embedding's kernel; the positional table's side x the patch)."""
+    patch = patch_size or meta.get("patch_size") or state["patch_embed.proj.weight"].shape[-1]
+    side = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
+    return patch, meta.get("img_size") or side * patch
 
 
 def export(args):
@@ -186,14 +264,22 @@ def export(args):
         raise SystemExit("--export needs --init pointing at pre-trained weights")
     arch = args.arch or meta.get("arch") or "resnet50"
     vit = arch.startswith("vit")
-    net = common.ViT(arch, meta.get("patch_size", 16), meta.get("img_size", 224)) if vit else common.ResNetTrunk(arch)
+    if vit:
+        patch, img_size = vit_geometry(backbone, meta, getattr(args, "patch_size", None))
+        net = common.ViT(arch, patch, img_size)
+    else:
+        net = common.ResNetTrunk(arch)
     load_backbone(net, backbone, arch, meta, args.init)  # all or nothing
+    hint = ""
     if fmt == "timm":
         if not vit:
             raise SystemExit(f"--export timm is for ViTs; {arch} is a ResNet (use torchvision or detectron2)")
-        if arch not in TIMM_NAMES or meta.get("patch_size", 16) != 16:
-            raise SystemExit(f"--export timm: {arch}/{meta.get('patch_size', 16)} has no timm model (vit_tiny/small/base, patch 16)")
+        if (arch, patch) not in TIMM_NAMES:
+            raise SystemExit(f"--export timm: {arch} with patch {patch} has no timm model; timm has "
+                             f"{', '.join(f'{a}/{p}' for a, p in TIMM_NAMES)}")
         torch.save(net.state_dict(), path)  # the names are timm's: timm.create_model(name, num_classes=0) loads it strictly
+        size = f", img_size={img_size}" if img_size != 224 else ""  # timm's positional table must be this run's
+        hint = f"; load it with timm.create_model('{TIMM_NAMES[arch, patch]}', num_classes=0{size})"
     elif vit:
         raise SystemExit(f"--export {fmt}: {arch} is a ViT; use --export timm")
     elif fmt == "detectron2":
@@ -209,5 +295,4 @@ def export(args):
         torch.save(tv.state_dict(), path)
     else:
         raise SystemExit(f"--export {fmt}: expected detectron2, torchvision or timm")
-    print(f"wrote {path} ({fmt}, {arch}) from {args.init} ({meta.get('method')})"
-          + (f"; load it with timm.create_model('{TIMM_NAMES[arch]}', num_classes=0)" if fmt == "timm" else ""))
+    print(f"wrote {path} ({fmt}, {arch}) from {args.init} ({meta.get('method')}){hint}")

@@ -37,14 +37,14 @@ def test_presets_find_their_layouts(tmp_path):
 
 
 def test_missing_folder_names_folder_and_layout(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(SystemExit) as e:  # a message, no traceback
         common.build_pretrain_dataset(_args("coco", tmp_path), None)
     assert str(tmp_path / "coco" / "train2017") in str(e.value) and "train2017/*.jpg" in str(e.value)
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "imagenet" / "train" / "n01").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no images .* found in .*imagenet/train.*Expected layout"):
+    with pytest.raises(SystemExit, match="no images .* found in .*imagenet/train.*Expected layout"):
         common.build_pretrain_dataset(_args("imagenet", tmp_path), None)
 
 
@@ -218,6 +218,23 @@ def test_slotcon_lars_form():
         mu = 0.9 * mu + 0.001 * w.norm() / d.norm() * d
         opt.step()
         assert torch.allclose(lin.weight, w - lr * mu, atol=1e-7)
+
+
+def test_lars_with_a_zero_weight_follows_each_official_form():
+    """|w| = 0, |g| > 0: OpenSelfSup's trust ratio eta·|w| / (|g| + wd·|w|) is 0 (the weight stays at
+    zero); SlotCon's where(|w| > 0, ..., 1) is 1 (the weight moves by lr·g)."""
+    for form, moves in (("openselfsup", False), ("slotcon", True)):
+        w = torch.nn.Parameter(torch.zeros(3, 4))
+        opt = common.LARS([{"params": [w]}], lr=0.5, weight_decay=1e-5, momentum=0.9, eta=0.001, form=form)
+        w.grad = torch.ones(3, 4)
+        opt.step()
+        assert torch.equal(w.detach(), -0.5 * torch.ones(3, 4) if moves else torch.zeros(3, 4)), form
+    # |g| = 0, |w| > 0 in OpenSelfSup's form: q = eta / wd, and the step is lr·q·wd·w = lr·eta·w
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    opt = common.LARS([{"params": [w]}], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.001, form="openselfsup")
+    w.grad = torch.zeros(2, 2)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((2, 2), 1 - 0.5 * 0.001))
 
 
 @pytest.mark.parametrize("module", ["moco", "densecl"])

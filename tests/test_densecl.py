@@ -1,6 +1,7 @@
 """densecl.py: matching, dense loss against a naive reference, and whole runs."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,8 +46,31 @@ def test_fused_queue_infonce_matches_plain_value_and_gradient():
     fused = densecl.QueueInfoNCE.apply(q, k, queue, 0.2, 64)  # 300 is no multiple of the chunk
     (g_fused,) = torch.autograd.grad(fused, q)
     assert torch.allclose(plain, fused, atol=1e-5) and torch.allclose(g_plain, g_fused, atol=1e-7)
-    # a low temperature (large logits) stays finite: exp is shifted by the largest possible logit
+    # a low temperature (large logits) stays finite: exp is shifted by each row's running maximum
     assert torch.isfinite(densecl.QueueInfoNCE.apply(q, k, queue, 0.01, 64))
+
+
+@pytest.mark.parametrize("temperature", [0.005, 0.0115, 0.02, 0.2])
+def test_fused_queue_infonce_is_exact_when_every_logit_is_near_minus_one_over_t(temperature):
+    """Keys and positive nearly opposite every query: every logit near -1/T, where a fixed shift by
+    +1/T underflows (T <= 0.0115 gave -inf). Both copies (densecl.py, decon_densecl.py) against the
+    plain loss in float64, value and gradient."""
+    import decon_densecl
+    torch.manual_seed(0)
+    v = F.normalize(torch.randn(16), dim=0)  # every query near v, every key near -v
+    q = F.normalize(v + 0.05 * torch.randn(40, 16), dim=1)
+    k = F.normalize(-v + 0.05 * torch.randn(40, 16), dim=1)
+    queue = F.normalize(-v[:, None] + 0.05 * torch.randn(16, 300), dim=0)
+    q64 = q.double().requires_grad_()
+    plain = densecl.infonce.__wrapped__(q64, k.double(), queue.double(), temperature)  # float64, no fp32 cast
+    (g_plain,) = torch.autograd.grad(plain, q64)
+    for fn in (densecl.QueueInfoNCE, decon_densecl.QueueInfoNCE):
+        q32 = q.clone().requires_grad_()
+        fused = fn.apply(q32, k, queue, temperature, 64)
+        (g_fused,) = torch.autograd.grad(fused, q32)
+        # float32 rounding of logits up to 1/T = 200: the plain loss in float32 is off by as much (measured)
+        assert torch.isfinite(fused) and abs(fused.item() - plain.item()) <= 1e-6 * (1 + abs(plain.item()))
+        assert (g_fused.double() - g_plain).abs().max() <= 1e-5 * g_plain.abs().max()
 
 
 def test_encoder_shapes_and_pooled_grid():

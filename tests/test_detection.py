@@ -96,6 +96,63 @@ def test_coco_layout(tmp_path):
     assert "box_AP" in json.loads((tmp_path / "run" / "metrics.json").read_text()) and "coco: 2 classes, 1 train / 2 val" in out
 
 
+def _coco_tree(tmp_path, images, annotations):
+    root = tmp_path / "coco"
+    for split in ("train", "val"):
+        (root / f"{split}2017").mkdir(parents=True)
+        for im in images:
+            if im["file_name"] == "broken.jpg":
+                (root / f"{split}2017" / "broken.jpg").write_bytes(b"not a jpeg")
+            elif im["file_name"] != "missing.jpg":
+                Image.new("RGB", (40, 30), "gray").save(root / f"{split}2017" / im["file_name"])
+    (root / "annotations").mkdir()
+    ann = {"images": images, "annotations": annotations, "categories": [{"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]}
+    for split in ("train", "val"):
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(ann))
+    return root / "annotations" / "instances_val2017.json"
+
+
+def _box(i, image, cat, bbox):
+    x, y, w, h = bbox
+    return {"id": i, "image_id": image, "category_id": cat, "iscrowd": 0, "area": abs(w * h), "bbox": bbox,
+            "segmentation": [[x, y, x + abs(w), y, x + abs(w), y + abs(h), x, y + abs(h)]]}
+
+
+def test_coco_annotation_problems_are_named_and_train_and_val_alike(tmp_path):
+    images = [{"id": i, "file_name": f, "width": 40, "height": 30}
+              for i, f in ((1, "a.jpg"), (2, "missing.jpg"), (3, "broken.jpg"), (4, "e.jpg"))]
+    ann = _coco_tree(tmp_path, images, [_box(10, 1, 18, [5, 4, 10, 10]), _box(11, 1, 3, [20, 5, -6, 8]),  # no area
+                                        _box(12, 2, 3, [1, 1, 5, 5]), _box(13, 3, 3, [1, 1, 5, 5]),
+                                        _box(14, 4, 18, [2, 2, 9, 9])])
+    with pytest.warns(UserWarning) as said:
+        train = detection.CocoInstances(tmp_path, "train", train=True, with_masks=False)
+        val = detection.CocoInstances(tmp_path, "val", train=False, with_masks=False)
+    text = " ".join(str(w.message) for w in said)
+    assert "1 box(es) without area" in text and "[11]" in text and "missing.jpg" in text
+    assert sorted(train.ids) == sorted(val.ids) == [1, 3, 4]  # the missing file is out of both
+    gt = detection.coco_ground_truth(val, ["car", "dog"])
+    assert sorted(gt.getAnnIds()) == [10, 13, 14]  # the box without area is out of the ground truth too
+    x, t = train[0]
+    assert t["boxes"].tolist() == [[5, 4, 15, 14]]  # and out of the training targets
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.jpg"):
+        assert val[1][0] is None and train[1][1]["image_id"] == 4  # evaluation skips it, training reads the next
+    out = python("eval_dense.py", "--init", "random", "--task", "detect", "--data", "coco", "--data-root", tmp_path,
+                 "--train-sizes", "32", "--test-size", "32", "--iters", "1", *SMALL[:2], *SMALL[10:], "--batch-size", "1",
+                 "--output-dir", tmp_path / "run")
+    assert "Traceback" not in out and "box_AP" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # a category id that `categories` lacks: the file and the annotation named, no traceback, nothing written
+    bad = json.loads(ann.read_text())
+    bad["annotations"].append(_box(99, 1, 7, [1, 1, 4, 4]))
+    ann.write_text(json.dumps(bad))
+    with pytest.raises(SystemExit, match=r"instances_val2017.json: annotation 99 \(image 1\) has category_id 7"):
+        detection.CocoInstances(tmp_path, "val", train=False, with_masks=False)
+    proc = subprocess.run([sys.executable, "eval_dense.py", "--init", "random", "--task", "detect", "--data", "coco",
+                           "--data-root", str(tmp_path), "--iters", "1", *SMALL[:2], "--workers", "0",
+                           "--output-dir", str(tmp_path / "run2")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "category_id 7" in proc.stderr
+    assert not (tmp_path / "run2").exists()
+
+
 def test_decoder_and_region_head_load_into_the_detector():
     import mcl
     args = eval_dense.get_args(["--task", "detect", "--init-decoder", *SMALL])

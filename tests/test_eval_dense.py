@@ -177,7 +177,7 @@ def test_finetune_fcn_runs_and_resumes(tmp_path):
 
 def test_init_decoder_without_decoder_is_a_clear_error(tmp_path):
     path, _, _ = _downstream(tmp_path, "resnet18")
-    with pytest.raises(ValueError, match="holds no pre-trained FPN decoder"):
+    with pytest.raises(SystemExit, match="holds no pre-trained FPN decoder"):  # a message, no traceback
         ev.main(["--init", str(path), "--task", "finetune", "--head", "fpn", "--init-decoder", *TINY_EVAL,
                  "--output-dir", str(tmp_path / "x")])
 
@@ -224,15 +224,63 @@ def test_cached_probe_upsampling_is_f_interpolate(size_in, size_out):
     assert torch.allclose(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-12)
 
 
-@pytest.mark.parametrize("data,expected", [
-    ("voc", dict(val_resize=[512, 2048], slide=None, cat_max=0.75, photometric="on", base_size=512)),
-    ("cityscapes", dict(val_resize=None, slide=[769, 513], cat_max=0.75, photometric="on", base_size=1024)),
-    ("synthetic", dict(val_resize=None, slide=None, cat_max=1.0, photometric="off", base_size=512))])
-def test_protocol_defaults_per_dataset_and_overrides(data, expected):
-    args = ev.get_args(["--data", data, "--crop-size", "512"])
+# The papers' segmentation configs, transcribed from the files (mmsegmentation): SlotCon's README runs
+# transfer/segmentation/configs/{voc12aug/fcn_d6_r50-d16_513x513_30k_voc12aug_moco.py,
+# cityscapes/fcn_d6_r50-d16_769x769_90k_cityscapes_moco.py, ade20k/fcn_r50-d8_512x512_80k_ade20k.py};
+# DenseCL's fork: configs/densecl/{fcn_r50-d8_512x512_20k_voc12aug.py, fcn_r50-d8_769x769_40k_cityscapes.py}.
+D6 = dict(output_stride=16, fcn_head="d6", aux_weight=0.0, cat_max=1.0, photometric="off", align_corners="on",
+          input_norm="moco-configs", min_lr=0.0)  # dilations (1,1,1,2), head dilation 6, no aux, moco dataset configs
+D8 = dict(output_stride=8, fcn_head="d8", aux_weight=0.4, cat_max=0.75, photometric="on", min_lr=1e-4,
+          input_norm="imagenet", steps=None)  # dilations (1,1,2,4), concat_input, aux 0.4, poly to 1e-4
+
+
+@pytest.mark.parametrize("protocol,data,expected", [
+    ("slotcon", "voc", dict(D6, crop_size=513, base_size=513, iters=30000, batch_size=16, lr=0.003, steps=[21000, 27000],
+                            weight_decay=1e-4, val_resize=[513, 2049], slide=None)),
+    ("slotcon", "cityscapes", dict(D6, crop_size=769, iters=90000, batch_size=16, lr=0.01, steps=[63000, 81000],
+                                   weight_decay=1e-4, val_resize=None, slide=[769, 513])),
+    ("slotcon", "ade20k", dict(D8, crop_size=512, iters=80000, batch_size=16, lr=0.01, weight_decay=5e-4,
+                               val_resize=[512, 2048], slide=None, align_corners="off")),
+    ("densecl", "voc", dict(D8, crop_size=512, iters=20000, batch_size=16, lr=0.01, weight_decay=5e-4,
+                            val_resize=[512, 2048], slide=None, align_corners="off")),
+    ("densecl", "cityscapes", dict(D8, crop_size=769, iters=40000, batch_size=8, lr=0.01, weight_decay=5e-4,
+                                   val_resize=None, slide=[769, 513], align_corners="on")),
+])
+def test_finetune_defaults_are_the_papers_configs(protocol, data, expected):
+    args = ev.get_args(["--task", "finetune", "--data", data, "--protocol", protocol])
     assert {k: getattr(args, k) for k in expected} == expected
-    args = ev.get_args(["--data", data, "--val-resize", "0", "0", "--slide", "0", "0", "--cat-max", "1"])
+    # a shorter run keeps the steps at the same fractions (70% and 90% in SlotCon's schedules)
+    short = ev.get_args(["--task", "finetune", "--data", data, "--protocol", protocol, "--iters", "100"])
+    assert short.steps == ([70, 90] if expected["steps"] else None)
+
+
+def test_probe_and_synthetic_defaults_and_overrides():
+    args = ev.get_args(["--data", "voc"])  # the probe: the dataset's data protocol, its own training
+    assert (args.crop_size, args.val_resize, args.lr, args.steps, args.weight_decay, args.iters) == (513, [513, 2049], 0.01, None, 0.0, 2000)
+    args = ev.get_args(["--task", "finetune"])  # synthetic scenes: this project's short schedule, as before
+    assert (args.crop_size, args.iters, args.lr, args.min_lr, args.weight_decay, args.output_stride, args.fcn_head,
+            args.align_corners, args.input_norm) == (224, 2000, 0.01, 0.0, 5e-4, 16, "d8", "off", "imagenet")
+    args = ev.get_args(["--data", "cityscapes", "--val-resize", "0", "0", "--slide", "0", "0", "--cat-max", "1"])
     assert args.val_resize is None and args.slide is None and args.cat_max == 1
+
+
+def test_lr_schedules_step_and_poly():
+    step = ev.get_args(["--task", "finetune", "--data", "voc"])
+    assert [ev.lr_at(s, step) for s in (0, 20999, 21000, 26999, 27000, 29999)] == pytest.approx(
+        [0.003, 0.003, 3e-4, 3e-4, 3e-5, 3e-5])
+    poly = ev.get_args(["--task", "finetune", "--data", "ade20k"])  # mmcv: (lr - min_lr)(1 - t/T)^0.9 + min_lr
+    assert [ev.lr_at(s, poly) for s in (0, 40000, 79999)] == pytest.approx(
+        [0.01, (0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4, (0.01 - 1e-4) * (1 / 80000) ** 0.9 + 1e-4])
+
+
+def test_fcn_d6_head_is_the_configs():
+    model = ev.Segmenter("resnet50", "finetune", "fcn", 21, 16, aux=False, fcn_head="d6")
+    convs = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.dilation[0]) for c in convs] == [(2048, 256, 6), (256, 256, 6), (256, 21, 1)]
+    assert model.head.fuse is None and model.aux is None and model.head.classifier[0].p == 0.0
+    assert model.backbone.layer4[0].conv2.stride == (1, 1) and model.backbone.layer3[0].conv2.stride == (2, 2)  # OS 16
+    x = seg_data.normalise(Image.new("RGB", (4, 4), (255, 0, 0)), "moco-configs")  # 0-1 constants on 0-255 pixels
+    assert x[0, 0, 0].item() == pytest.approx((255 - 0.485) / 0.229) and x[1, 0, 0].item() == pytest.approx(-0.456 / 0.224)
 
 
 class PerPixel(torch.nn.Module):
@@ -272,6 +320,6 @@ def test_voc_run_follows_the_protocol(tmp_path):
     out = python("eval_dense.py", "--data", "voc", "--data-root", tmp_path, "--arch", "resnet18", "--task", "finetune",
                  "--head", "fcn", "--iters", "2", "--crop-size", "32", "--batch-size", "2", "--workers", "0",
                  "--output-dir", tmp_path / "ev")
-    assert "cat-max 0.75, photometric on | test: whole image resized to fit 512 x 2048" in out
+    assert "cat-max 1.0, photometric off | test: whole image resized to fit 513 x 2049" in out  # SlotCon's VOC config
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["mIoU"] is not None and json.loads((tmp_path / "ev" / "args.json").read_text())["val_resize"] == [512, 2048]
+    assert metrics["mIoU"] is not None and json.loads((tmp_path / "ev" / "args.json").read_text())["val_resize"] == [513, 2049]

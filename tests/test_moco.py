@@ -142,6 +142,6 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
 
 
 def test_bad_batch_size_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(SystemExit, match="fewer than one global batch"):
         moco.build_data(moco.get_args(["--synthetic-len", "4", "--batch-size", "8", "--bn-splits", "2", "--image-size", "32"]),
                         torch.device("cpu"))

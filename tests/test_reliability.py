@@ -105,17 +105,24 @@ def test_logged_non_finite_values_stay_valid_json(tmp_path):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_the_current_step_and_says_how_to_resume(tmp_path, sig, code):
+    """SIGTERM to the process (a scheduler); SIGINT to the whole process group with two loader workers,
+    as Ctrl-C in a terminal sends it: one message for the run, not one per worker."""
     out = tmp_path / "run"
-    argv = ["moco.py", *RUNS["moco"], "--synthetic-len", "4096", "--output-dir", out]
+    workers = ["--workers", "2"] if sig == signal.SIGINT else []
+    argv = ["moco.py", *RUNS["moco"], "--synthetic-len", "4096", *workers, "--output-dir", out]
     proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)
     log = out / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
         time.sleep(0.2)
-    proc.send_signal(sig)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
+    assert err.count(f"{signal.Signals(sig).name} received") == 1, err[-2000:]
     step = common.load_checkpoint(out / "checkpoint.pth")["step"]
     assert step >= 2 and step % 512 != 0 and "Rerun the same command to resume" in err  # mid-epoch, saved
     text = python(*argv, "--max-steps", step + 1)
@@ -161,6 +168,7 @@ def test_damaged_or_foreign_checkpoints_get_a_clear_message(tmp_path):
             moco.main([*RUNS["moco"], "--max-steps", "3", "--output-dir", str(out)])
         said = str(stop.value.code)
         assert f"cannot read {ck}" in said and "mv " in said and f"cp {prev} {ck}" in said and "weights_only" not in said
+        assert "objects other than tensors" not in said  # random or cut bytes are not a checkpoint, not a foreign pickle
     ck.write_bytes(good)
     (out / "checkpoint.pth.tmp").write_bytes(b"half a write")
     other = tmp_path / "decon"

@@ -29,15 +29,20 @@ def _prefixed(state, prefix):
 
 
 def test_default_output_folder_is_unique_per_configuration():
+    def folder(argv, sha="a" * 40):
+        args = ev.get_args(argv)
+        args.init_sha = sha  # main() sets it from the --init file's content
+        return ev.default_output_dir(args)
     base = ["--task", "finetune", "--head", "fpn"]
-    folders = {ev.get_args(["--init", "runs/q/s0/moco", *base]).output_dir,
-               ev.get_args(["--init", "runs/q/s1/moco", *base]).output_dir,  # another run of the same method
-               ev.get_args(["--init", "runs/q/s0/decon", *base]).output_dir,
-               ev.get_args(["--init", "runs/q/s0/decon", *base, "--init-decoder"]).output_dir,
-               ev.get_args(["--init", "runs/q/s0/decon", *base, "--data", "voc"]).output_dir,
-               ev.get_args(["--init", "runs/q/s0/decon", *base, "--lr", "0.02"]).output_dir}
-    assert len(folders) == 6
-    assert ev.get_args(["--init", "x", "--workers", "3"]).output_dir == ev.get_args(["--init", "x"]).output_dir
+    folders = {folder(["--init", "runs/q/s0/moco", *base]),
+               folder(["--init", "runs/q/s1/moco", *base]),  # another run of the same method
+               folder(["--init", "runs/q/s0/decon", *base]),
+               folder(["--init", "runs/q/s0/decon", *base, "--init-decoder"]),
+               folder(["--init", "runs/q/s0/decon", *base, "--data", "voc"]),
+               folder(["--init", "runs/q/s0/decon", *base, "--lr", "0.02"]),
+               folder(["--init", "runs/q/s0/decon", *base], sha="b" * 40)}  # the same path, other weights
+    assert len(folders) == 7
+    assert folder(["--init", "x", "--workers", "3"]) == folder(["--init", "x"])
 
 
 def _layouts(tmp_path):
@@ -59,8 +64,8 @@ def _layouts(tmp_path):
                                    "queue": torch.randn(128, 64), "queue2": torch.randn(128, 64)}},
         # DenseCL's tools/extract_backbone_weights.py: {"state_dict": backbone without the prefix, "author"}
         "densecl-converted": {"state_dict": dict(state), "author": "DenseCL"},
-        # SlotCon main_pretrain.py: {"opt": args, "model": DDP state dict, ...}; downstream takes encoder_k
-        "slotcon": {"opt": argparse.Namespace(arch="resnet18", batch_size=512), "epoch": 800,
+        # SlotCon main_pretrain.py: {"args": args, "model": DDP state dict, ...}; downstream takes encoder_k
+        "slotcon": {"args": argparse.Namespace(arch="resnet18", batch_size=512), "epoch": 800,
                     "model": {**_prefixed(other, "module.encoder_q."), **_prefixed(state, "module.encoder_k."),
                               "module.center": torch.zeros(1, 256)},
                     "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 3}},
@@ -87,6 +92,67 @@ def test_every_official_layout_reads_the_right_backbone(tmp_path):
     assert meta["arch"] == "vit_micro" and torch.equal(vit["pos_embed"], dino_teacher["backbone.pos_embed"])
     net = common.ViT("vit_micro", 16, 224)
     weights.load_backbone(net, vit, "vit_micro", meta, "dino")  # strict: every tensor
+
+
+def _decon_checkpoint(trunk_state, other_state, decoder, ddp):
+    """A DeCon main_pretrain.py checkpoint as its code saves it: {"args", "model", "optimizer",
+    "scheduler", "epoch"}, the model's student (_q) and teacher (_k) encoders and decoders, with
+    `module.` under DDP. `decoder`: {name: tensor} of the teacher decoder in DeCon's names."""
+    p = "module." if ddp else ""
+    model = {**_prefixed(other_state, p + "encoder_q."), **_prefixed(trunk_state, p + "encoder_k."),
+             **_prefixed({k: torch.randn_like(v) if v.is_floating_point() else v for k, v in decoder.items()}, p + "decoder_q."),
+             **_prefixed(decoder, p + "decoder_k."), p + "center": torch.zeros(1, 256), p + "center_dec": torch.zeros(1, 256),
+             p + "dec_grouping_k.slot_embed.weight": torch.randn(256, 256)}
+    return {"args": argparse.Namespace(arch="resnet18", decoder_downstream_dataset="cityscapes", use_decoder=True),
+            "model": model, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 3}, "epoch": 800}
+
+
+@pytest.mark.parametrize("ddp", [True, False], ids=["ddp", "one-gpu"])
+def test_decon_checkpoints_bring_the_teacher_encoder_and_decoder(tmp_path, ddp):
+    """DeCon's FPN decoder (detectron2's names: fpn_lateral{2-5}, fpn_output2, each with .norm) and its
+    FCN decoder (mmsegmentation's convs.{0,1}.conv/.bn), with and without DDP's `module.`, read into
+    the segmentation head with every tensor."""
+    state, other = _trunk().state_dict(), _trunk(seed=1).state_dict()
+    torch.manual_seed(2)
+    fpn = common.FPN([64, 128, 256, 512], 256, ["p2"])
+    for m in fpn.modules():  # non-trivial statistics, so that a swapped BN shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.data.normal_()
+    official = {}
+    for i in range(4):
+        official[f"fpn_lateral{i + 2}.weight"] = fpn.lateral[i][0].weight.detach()
+        official.update(_prefixed(fpn.lateral[i][1].state_dict(), f"fpn_lateral{i + 2}.norm."))
+    official["fpn_output2.weight"] = fpn.output["p2"][0].weight.detach()
+    official.update(_prefixed(fpn.output["p2"][1].state_dict(), "fpn_output2.norm."))
+    assert len([k for k in official if "num_batches" not in k]) == 25
+    torch.save(_decon_checkpoint(state, other, official, ddp), tmp_path / "decon_fpn.pth")
+    backbone, meta = weights.load_init(str(tmp_path / "decon_fpn.pth"))
+    assert all(torch.equal(backbone[k], state[k]) for k in state) and set(backbone) == set(state)
+    assert meta["decoder_cfg"] == {"type": "fpn", "in_channels": [64, 128, 256, 512], "out_channels": 256, "levels": ["p2"]}
+    args = ev.get_args(["--task", "finetune", "--head", "fpn", "--init-decoder"])
+    model = ev.Segmenter("resnet18", "finetune", "fpn", 9, 16, fpn_levels=meta["decoder_cfg"]["levels"])
+    ev.load_decoder(model, meta, args)
+    assert all(torch.equal(a, b) for a, b in zip(model.decoder.state_dict().values(), fpn.state_dict().values()))
+    # the FCN decoder (DeCon --decoder-type FCN, Cityscapes setting: 256 channels, dilation 6) -> --head fcn, FCN-D6
+    head = ev.FCNHead(512, 256, 9, concat=False, dilation=6, dropout=0.0)
+    fcn = {}
+    for i in range(2):
+        fcn[f"convs.{i}.conv.weight"] = torch.randn_like(head.convs[i][0].weight)
+        fcn.update({f"convs.{i}.bn.{k}": torch.rand_like(v) if v.is_floating_point() else v
+                    for k, v in head.convs[i][1].state_dict().items()})
+    torch.save(_decon_checkpoint(state, other, fcn, ddp), tmp_path / "decon_fcn.pth")
+    _, meta = weights.load_init(str(tmp_path / "decon_fcn.pth"))
+    assert meta["decoder_cfg"] == {"type": "fcn", "in_channels": 512, "out_channels": 256, "dilation": 6}
+    args = ev.get_args(["--task", "finetune", "--head", "fcn", "--fcn-head", "d6", "--init-decoder"])
+    model = ev.Segmenter("resnet18", "finetune", "fcn", 9, 16, fcn_head="d6")
+    ev.load_decoder(model, meta, args)
+    loaded = model.head.convs.state_dict()
+    for i in range(2):
+        assert torch.equal(loaded[f"{i}.0.weight"], fcn[f"convs.{i}.conv.weight"])
+        assert torch.equal(loaded[f"{i}.1.running_var"], fcn[f"convs.{i}.bn.running_var"])
+    with pytest.raises(SystemExit, match="--fcn-head d6"):  # an FCN-d8 head cannot take it
+        ev.load_decoder(ev.Segmenter("resnet18", "finetune", "fcn", 9, 16, fcn_head="d8"), meta,
+                        ev.get_args(["--task", "finetune", "--head", "fcn", "--init-decoder"]))
 
 
 def test_mcl_layout_brings_fpn_and_region_head_and_exports_them(tmp_path):
@@ -131,20 +197,41 @@ def test_a_partial_match_is_refused_never_exported(tmp_path):
                                           export=("torchvision", str(tmp_path / "x.pth"))))
 
 
-def test_timm_export_loads_strictly_with_equal_features(tmp_path):
-    vit = common.ViT("vit_small", 16, 224).eval()
-    common.save_downstream(tmp_path / "downstream.pth", "adclr", "vit_small", vit, extra={"patch_size": 16, "img_size": 224})
-    python("eval_dense.py", "--init", tmp_path, "--export", "timm", tmp_path / "timm.pth")
-    state = torch.load(tmp_path / "timm.pth", weights_only=True)
-    assert torch.equal(state["blocks.11.mlp.fc2.weight"], vit.blocks[11].mlp.fc2.weight)
-    if importlib.util.find_spec("timm") is None:
-        pytest.skip("timm is not installed: the strict load into timm's model is not checked")
-    import timm
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
-    model.load_state_dict(state, strict=True)
-    x = torch.randn(2, 3, 224, 224)
+@pytest.mark.parametrize("arch,patch,img_size,meta", [
+    ("vit_small", 16, 224, True),  # an adclr.py run at the paper's size
+    ("vit_small", 16, 64, True),   # a run at 64 px: timm needs img_size=64 (5 positions, not 197)
+    ("vit_small", 8, 224, False),  # a DINO ViT-S/8 file without metadata: the patch read off the tensors
+])
+def test_timm_export_loads_strictly_with_equal_features(tmp_path, arch, patch, img_size, meta):
+    timm = pytest.importorskip("timm")  # requirements-test.txt installs it: CI checks the strict load
+    torch.manual_seed(0)
+    vit = common.ViT(arch, patch, img_size).eval()
+    if meta:
+        common.save_downstream(tmp_path / "downstream.pth", "adclr", arch, vit, extra={"patch_size": patch, "img_size": img_size})
+        init = tmp_path
+    else:
+        torch.save(vit.state_dict(), tmp_path / "dino_deitsmall8_pretrain.pth")
+        init = tmp_path / "dino_deitsmall8_pretrain.pth"
+    said = python("eval_dense.py", "--init", init, "--arch", arch, "--export", "timm", tmp_path / "timm.pth")
+    size = f", img_size={img_size}" if img_size != 224 else ""
+    hint = f"timm.create_model('{arch}_patch{patch}_224', num_classes=0{size})"
+    assert hint in said
+    model = eval(hint, {"timm": timm}).eval()  # exactly the printed call
+    model.load_state_dict(torch.load(tmp_path / "timm.pth", weights_only=True), strict=True)
+    x = torch.randn(2, 3, img_size, img_size)
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x), vit(x), atol=1e-4)
+
+
+def test_timm_export_names_what_it_cannot_do(tmp_path):
+    common.save_downstream(tmp_path / "downstream.pth", "adclr", "vit_micro", common.ViT("vit_micro", 16, 224),
+                           extra={"patch_size": 16, "img_size": 224})
+    with pytest.raises(SystemExit, match="vit_micro with patch 16 has no timm model; timm has vit_tiny/16, vit_small/16"):
+        weights.export(argparse.Namespace(init=str(tmp_path), arch=None, patch_size=None,
+                                          export=("timm", str(tmp_path / "t.pth"))))
+    torch.save(common.ViT("vit_small", 8, 224).state_dict(), tmp_path / "s8.pth")  # no metadata, read as patch 16:
+    with pytest.raises(SystemExit, match="8-pixel patches, the model 16: pass --patch-size 8"):  # not "pass --arch"
+        weights.load_backbone(common.ViT("vit_small", 16, 224), torch.load(tmp_path / "s8.pth"), "vit_small", {}, "s8.pth")
 
 
 def test_vit_fine_tunes_with_a_simple_feature_pyramid(tmp_path):
@@ -169,7 +256,7 @@ def test_voc_aug_list_names(tmp_path, list_name, expected, capsys):
 
 def test_val_resize_scores_at_the_label_size():
     img = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
-    x, y = seg_data.ResizedVal(64, 1024)(img, np.ones((30, 40), np.uint8))
+    x, y = seg_data.ValTransform([64, 1024])(img, np.ones((30, 40), np.uint8))
     assert tuple(x.shape) == (3, 64, 85) and tuple(y.shape) == (30, 40)
     xs, ys, sizes = seg_data.pad_collate([(x, y), seg_data.val_transform(img, np.ones((30, 40), np.uint8))])
     assert xs.shape[-2:] == (64, 96) and ys.shape[-2:] == (30, 40) and sizes == [((64, 85), (30, 40)), ((30, 40), (30, 40))]
