@@ -9,6 +9,7 @@ data, from any method file's output, and hands the weights to detection toolkits
     python eval_dense.py --init runs/decon --task finetune --head fpn --init-decoder
     python eval_dense.py --init runs/densecl --export detectron2 densecl_d2.pkl
     torchrun --nproc_per_node=8 eval_dense.py --init runs/densecl --task finetune --data cityscapes
+    torchrun --nproc_per_node=8 eval_dense.py --init runs/moco --task linear --data imagenet   # MoCo's linear protocol
 
 Tasks:
 - probe: the backbone is frozen (eval-mode BN); a BatchNorm without affine parameters and a 1x1
@@ -20,7 +21,11 @@ Tasks:
   fpn` (a ViT's default): an FPN over C2-C5 with a 3x3 conv and classifier on P2, which
   `--init-decoder` initialises from a pre-trained DeCon or MCL decoder (a DeCon FCN decoder goes
   into --head fcn's convs).
-- detect / instance: Faster / Mask R-CNN R50-FPN on COCO or the synthetic scenes (evaluation/detection.py).
+- detect / instance: Faster / Mask R-CNN R50-FPN on COCO or the synthetic scenes; Faster R-CNN R50-C4
+  on VOC07+12 (evaluation/detection.py, evaluation/voc.py).
+- knn / linear: image classification on the frozen features, DINO's k-NN and MoCo's (ResNet) or
+  DINO's (ViT) linear protocol, on an ImageNet-layout folder or the synthetic scenes
+  (evaluation/classification.py).
 
 Backbones: ResNet-18/50 (probe and fine-tuning) and the ViTs of adclr.py (probe on the patch
 tokens, at the patch stride).
@@ -51,16 +56,14 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 
 import common
-from evaluation import seg_data, weights
+from evaluation import pictures, seg_data, weights
 
 
 # =================================================================================================
@@ -70,8 +73,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="dense downstream evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", default="random", help="random | a run folder | a downstream.pth | a torchvision state dict")
     p.add_argument("--arch", default=None, help="resnet18 | resnet50 (default: from --init's metadata, else resnet50)")
-    p.add_argument("--task", default="probe", choices=["probe", "finetune", "detect", "instance"],
-                   help="detect / instance: Faster / Mask R-CNN R50-FPN (detection.py; needs pycocotools)")
+    p.add_argument("--task", default="probe", choices=["probe", "finetune", "detect", "instance", "knn", "linear"],
+                   help="probe / finetune: semantic segmentation; detect / instance: Faster / Mask R-CNN (needs "
+                        "pycocotools); knn / linear: image classification on frozen features (evaluation/classification.py)")
     p.add_argument("--head", default=None, choices=["fcn", "fpn", "linear"],
                    help="finetune head (default: fcn for a ResNet, fpn for a ViT); linear: the probe's head trained "
                         "end to end (the miniature's supervised ceiling)")
@@ -85,8 +89,9 @@ def get_args(argv=None):
                    help="initialise the segmentation head from the pre-trained decoder: --head fpn from an FPN "
                         "(DeCon, MCL), --head fcn from an FCN of the same width and dilation (DeCon --decoder fcn)")
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch (default: from --init's metadata, else 16)")
-    p.add_argument("--data", default="synthetic", choices=["synthetic", "voc", "cityscapes", "ade20k", "coco"],
-                   help="coco: detection / instance only")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic | voc | cityscapes | ade20k (segmentation) | coco | voc (detection) | imagenet or a "
+                        "folder with train/<class>/* and val/<class>/* (knn, linear)")
     p.add_argument("--data-root", default=common.default_data_root())
     p.add_argument("--protocol", default="slotcon", choices=list(seg_data.PROTOCOLS),
                    help="segmentation on voc / cityscapes / ade20k: slotcon = the configs of SlotCon's README, which "
@@ -130,13 +135,27 @@ def get_args(argv=None):
     p.add_argument("--input-norm", default=None, choices=["imagenet", "moco-configs"],
                    help="imagenet: mean/std on [0, 1] pixels; moco-configs: the same constants on [0, 255] pixels, as "
                         "SlotCon's *_moco configs (seg_data.normalise)")
+    # Classification only (knn, linear)
+    p.add_argument("--k", type=int, default=20, help="knn: neighbours that vote (DINO: 20)")
+    p.add_argument("--knn-temperature", type=float, default=0.07, help="knn: votes weighted exp(cosine / T) (DINO: 0.07)")
+    p.add_argument("--epochs", type=int, default=None, help="linear: epochs (MoCo and DINO: 100)")
+    p.add_argument("--n-last-blocks", type=int, default=None,
+                   help="linear on a ViT: the [CLS] of the last n blocks (DINO: 4 for ViT-S, 1 for ViT-B)")
+    p.add_argument("--avgpool-patchtokens", default=None, choices=["on", "off"],
+                   help="linear on a ViT: also the mean patch token (DINO: off for ViT-S, on for ViT-B)")
     # Detection only
-    p.add_argument("--warmup", type=int, default=None, help="detection: linear warm-up iterations (1000, at most iters/10)")
+    p.add_argument("--detector", default=None, choices=["fpn", "c4"],
+                   help="detect: R50-FPN (COCO's protocol; the default but on VOC) or R50-C4 (MoCo's and DenseCL's "
+                        "VOC07+12 protocol; the default with --data voc)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="detection: linear warm-up iterations (coco 1000, voc 100; at most iters/10)")
     p.add_argument("--train-sizes", type=int, nargs="+", default=None,
-                   help="detection: short sides drawn per image (coco: 640-800 by 32; synthetic: --synthetic-size)")
-    p.add_argument("--test-size", type=int, default=None, help="detection: short side at test (coco: 800)")
+                   help="detection: short sides drawn per image (coco: 640-800 by 32; voc: 480-800 by 32; synthetic: "
+                        "--synthetic-size)")
+    p.add_argument("--test-size", type=int, default=None, help="detection: short side at test (coco and voc: 800)")
     p.add_argument("--max-size", type=int, default=1333, help="detection: long side cap")
-    p.add_argument("--proposals", type=int, default=1000, help="detection: RPN proposals kept per image (detectron2 FPN: 1000)")
+    p.add_argument("--proposals", type=int, default=None,
+                   help="detection: RPN proposals kept per image in training (FPN: 1000; C4: 2000, 1000 in testing)")
     p.add_argument("--rois-per-image", type=int, default=512, help="detection: sampled RoIs per training image (512)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="(protocol: SGD, momentum 0.9)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -153,27 +172,45 @@ def get_args(argv=None):
                    help="detectron2 OUT.pkl | torchvision OUT.pth | timm OUT.pth (vit_tiny, vit_small, vit_base; patch "
                         "16, or 8 for small and base), then exit")
     args = p.parse_args(argv)
-    detection = args.task in ("detect", "instance")
-    if args.data == "coco" and not detection:
-        p.error("--data coco is for --task detect / instance; segmentation takes voc, cityscapes, ade20k or synthetic")
-    coco = detection and args.data == "coco"
-    if detection:  # the 1x schedule
+    detection, classification = args.task in ("detect", "instance"), args.task in ("knn", "linear")
+    if classification:
+        if args.data not in ("synthetic", "imagenet") and not Path(args.data).is_dir():
+            p.error(f"--data {args.data}: --task {args.task} takes synthetic, imagenet (below --data-root) or a folder "
+                    f"with train/<class>/* and val/<class>/*")
+    elif detection and args.data not in ("synthetic", "coco", "voc"):
+        p.error(f"--data {args.data}: --task {args.task} takes coco, voc (VOC07+12 with --detector c4) or synthetic")
+    elif not detection and args.data not in ("synthetic", "voc", "cityscapes", "ade20k"):
+        p.error(f"--data {args.data}: segmentation takes synthetic, voc, cityscapes or ade20k (coco: --task detect / "
+                f"instance; imagenet or a folder: --task knn / linear)")
+    coco, voc = detection and args.data == "coco", detection and args.data == "voc"
+    if detection:
+        args.detector = args.detector or ("c4" if voc else "fpn")
+        if args.detector == "c4" and args.task == "instance":
+            p.error("--detector c4 is Faster R-CNN (boxes): --task detect; instance masks take --detector fpn")
+    if classification:  # the rest (batch, lr, epochs, features) depends on the network: main() resolves it
+        args.crop_size = args.crop_size or 224
+    elif detection:  # the 1x schedule
         args.batch_size = args.batch_size or 16
-        args.iters = (90000 if coco else 2000) if args.iters is None else args.iters
+        args.iters = (90000 if coco else 24000 if voc else 2000) if args.iters is None else args.iters
         args.lr = 0.02 * args.batch_size / 16 if args.lr is None else args.lr
         args.weight_decay = 1e-4 if args.weight_decay is None else args.weight_decay
-        args.steps = args.steps or [args.iters * 2 // 3, args.iters * 8 // 9]  # 60k, 80k of the 1x's 90k
-        args.warmup = min(1000, args.iters // 10) if args.warmup is None else args.warmup
-        args.train_sizes = args.train_sizes or (list(range(640, 801, 32)) if coco else [args.synthetic_size])
-        args.test_size = args.test_size or (800 if coco else args.synthetic_size)
+        if voc:  # MoCo's pascal_voc_R_50_C4_24k: x0.1 at 18k and 22k of 24k, warm-up 100
+            args.steps = args.steps or [args.iters * 3 // 4, args.iters * 11 // 12]
+        args.steps = args.steps or [args.iters * 2 // 3, args.iters * 8 // 9]  # the 1x: 60k, 80k of 90k
+        args.warmup = min(100 if voc else 1000, args.iters // 10) if args.warmup is None else args.warmup
+        args.train_sizes = args.train_sizes or (list(range(640, 801, 32)) if coco else list(range(480, 801, 32)) if voc
+                                                else [args.synthetic_size])
+        args.test_size = args.test_size or (800 if coco or voc else args.synthetic_size)
+        args.proposals = args.proposals or (2000 if args.detector == "c4" else 1000)
     else:
         for k, v in seg_data.protocol(args).items():  # the dataset's protocol where a flag was not given
             if getattr(args, k) is None:
                 setattr(args, k, list(v) if isinstance(v, (list, tuple)) else v)
-    if args.steps is not None:  # fractions of --iters (the protocols' form) -> iterations
+    if args.steps is not None and args.iters:  # fractions of --iters (the protocols' form) -> iterations
         args.steps = [int(round(s * args.iters)) if s < 1 else int(s) for s in args.steps]
     common.check_args(p, args, positive=("iters", "batch_size", "lr", "crop_size", "synthetic_train", "synthetic_val",
-                                         "synthetic_size", "log_every", "save_every"),
+                                         "synthetic_size", "log_every", "save_every", "k", "knn_temperature", "epochs",
+                                         "n_last_blocks"),
                       non_negative=("workers", "aux_weight", "pictures", "weight_decay", "min_lr"))
     if args.val_resize is not None and 0 in args.val_resize:
         args.val_resize = None
@@ -181,7 +218,8 @@ def get_args(argv=None):
         args.slide = None
     if args.slide is not None and args.slide[1] > args.slide[0]:
         p.error("--slide CROP STRIDE: the stride must not exceed the crop (windows would leave gaps)")
-    common.split_batch(p, args)
+    if not classification:
+        common.split_batch(p, args)
     if args.init_decoder and not detection and (args.task != "finetune" or args.head == "linear"):
         p.error("--init-decoder needs --task finetune --head fpn | fcn, or --task detect / instance")
     return args
@@ -382,45 +420,6 @@ def metrics_from_confusion(conf, names):
             "per_class_IoU": {n: (None if torch.isnan(v) else float(v) * 100) for n, v in zip(names, iou)}}
 
 
-def palette(n):
-    """A fixed colour per class; ignore is white."""
-    rng = np.random.default_rng(3)
-    colours = np.zeros((256, 3), np.uint8)
-    colours[:n] = rng.integers(40, 256, (n, 3))
-    colours[0] = (0, 0, 0) if n == len(common.SYNTHETIC_CLASSES) else colours[0]
-    colours[seg_data.IGNORE] = 255
-    return colours
-
-
-def pca_rgb(feat, size):
-    """First three principal components of a (C, h, w) feature map as an RGB image of `size`."""
-    C, h, w = feat.shape
-    x = feat.float().reshape(C, -1).T  # (h·w, C)
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
-    comp = x @ v[:3].T  # (h·w, 3)
-    comp = (comp - comp.min(0).values) / (comp.max(0).values - comp.min(0).values + 1e-6)
-    img = (comp.T.reshape(3, h, w).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-    return Image.fromarray(img).resize(size, Image.NEAREST)
-
-
-def save_pictures(rows, num_classes, path, input_norm="imagenet"):
-    """PNG grid: one row per image: image | ground truth | prediction | feature PCA."""
-    colours = palette(num_classes)
-    tiles = []
-    for x, y, pred, feat in rows:
-        img = seg_data.denormalise(x, input_norm)
-        img = Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-        tiles.append([img, Image.fromarray(colours[y.numpy().astype(np.uint8)]),
-                      Image.fromarray(colours[pred.numpy().astype(np.uint8)]), pca_rgb(feat, img.size)])
-    w, h = tiles[0][0].size
-    grid = Image.new("RGB", (4 * w, len(tiles) * h), "white")
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            grid.paste(tile.resize((w, h)), (c * w, r * h))
-    grid.save(path)
-
-
 def slide_logits(model, x, crop, stride, dtype, device, align_corners=False):
     """mmsegmentation's slide inference on one image (1, 3, H, W): windows of `crop` every `stride`,
     the last one flush with the border, logits (upsampled to each window) averaged where they overlap."""
@@ -465,7 +464,7 @@ def evaluate(model, loader, num_classes, names, args, dtype, device, pictures_pa
     if common.world_size() > 1:
         dist.all_reduce(conf)
     if pictures_path and common.is_main() and rows:
-        save_pictures(rows, num_classes, pictures_path, args.input_norm)
+        pictures.save_segmentation(rows, num_classes, pictures_path, args.input_norm)
     model.train()
     return metrics_from_confusion(conf.cpu(), names)
 
@@ -563,6 +562,12 @@ def main(argv=None):
         return detection.run(args)
     backbone_state, meta = weights.load_init(args.init)
     arch = args.arch or meta.get("arch") or "resnet50"
+    if args.task in ("knn", "linear"):  # image classification on frozen features
+        from evaluation import classification
+        classification.defaults(args, arch)
+        args.output_dir = args.output_dir or default_output_dir(args)
+        check_same_init(args.output_dir, args)
+        return classification.run(args, backbone_state, meta, arch)
     if args.task == "finetune" and args.head is None:  # an FCN on C5 for a ResNet; a ViT has no C5
         args.head = "fpn" if arch.startswith("vit") else "fcn"
     if arch.startswith("vit") and args.task == "finetune" and args.head == "fcn":

@@ -126,6 +126,26 @@ def probe_args(init, arch, seed, tier, out):
             "--output-dir", str(out)]
 
 
+def knn_args(init, arch, seed, tier, out):
+    """The k-NN column: DINO's weighted k-NN (k 20, T 0.07) on the frozen network's pooled C5 (ViT:
+    [CLS]), the image-level label being the class of each scene's largest object (eval_dense.py
+    --task knn), on the probe's scenes."""
+    t = TIERS[tier]
+    vit = ["--patch-size", "8"] if arch.startswith("vit") else []
+    return ["--init", str(init), "--arch", arch, *vit, "--task", "knn", "--synthetic-size", str(t["size"]),
+            "--synthetic-style", t["scenes"], "--crop-size", str(t["size"]), "--synthetic-train", str(t["probe_train"]),
+            "--synthetic-val", str(t["probe_val"]), "--batch-size", str(min(128, t["probe_train"])), "--seed", str(seed),
+            "--workers", str(t["workers"]), "--output-dir", str(out)]
+
+
+def knn(init, arch, seed, tier, out):
+    """k-NN top-1 of `init` into `out` (skipped if done)."""
+    if not (Path(out) / "metrics.json").exists():
+        import eval_dense
+        eval_dense.main(knn_args(init, arch, seed, tier, out))
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
 def detection_args(init, arch, seed, tier, out):
     """--detection: Mask R-CNN fine-tuned end to end on the scenes as instances (eval_dense.py --task
     instance), the same for every row: batch 8, det_iters iterations, 100 proposals and 128 RoIs per
@@ -200,6 +220,8 @@ def one_seed(seed, tier, root, methods, times, detection=False):
                     shutil.copy(run_dir / "downstream.pth", snapshot)
                 probe(snapshot, arch, seed, tier, base / f"probe-{method}-{int(frac * 100)}")
             finals[method] = run_dir / "downstream-100.pth"
+        for name, init in finals.items():  # the k-NN column: cheap next to the rest
+            knn(init, arch, seed, tier, base / f"knn-{name}")
         if detection and arch == "resnet18":  # the same fine-tuning from every row's final weights
             for name, init in finals.items():
                 detect(init, arch, seed, tier, base / f"detect-{name}")
@@ -222,6 +244,8 @@ def collect(root):
                 results[method] = {f: miou(f"probe-{method}-{int(f * 100)}") for f in FRACTIONS}
                 results[method]["moved"] = moved(base / method / "downstream-0.pth", base / method / "downstream-100.pth")
         for name in results:
+            if done(f"knn-{name}"):
+                results[name]["knn"] = json.loads((base / f"knn-{name}" / "metrics.json").read_text())["top1"]
             if done(f"detect-{name}"):
                 m = json.loads((base / f"detect-{name}" / "metrics.json").read_text())
                 results[name]["det"] = (m["box_AP"], m["mask_AP"])
@@ -248,6 +272,10 @@ def summary(per_seed):
             # init, which is not the floor row's (SlotCon/DeCon zero the last BN of every block).
             gain = [per_seed[s][name][1.0] - per_seed[s][name][0.0] for s in seeds]
             row["gain"] = {"per_seed": gain, "mean": float(np.mean(gain)), "std": sd(gain)}
+        with_knn = [s for s in seeds if "knn" in per_seed[s][name]]
+        if with_knn:
+            values = [per_seed[s][name]["knn"] for s in with_knn]
+            row["knn"] = {"seeds": with_knn, "per_seed": values, "mean": float(np.mean(values)), "std": sd(values)}
         det = [s for s in seeds if "det" in per_seed[s][name]]
         for i, key in enumerate(("box_AP", "mask_AP")):
             if det:
@@ -263,13 +291,16 @@ def markdown(rows, times, tier):
     mean ± std of final − 0%, z = mean / std)."""
     t = TIERS[tier]
     det = any("box_AP" in r for r in rows.values())
+    has_knn = any("knn" in r for r in rows.values())
     seeds = sorted({s for r in rows.values() for s in r["seeds"]})
     lines = [f"Tier {tier}: {t['images']} images per pre-training (batch {t['batch']}, {t['size']} px), seeds "
              f"{', '.join(map(str, seeds))} (each row: the seeds it has); probe mIoU, mean ± std over its seeds"
+             + ("; k-NN top-1 (%) on the class of each scene's largest object" if has_knn else "")
              + (f"; Mask R-CNN box / mask AP after {t['det_iters']} iterations of fine-tuning." if det else "."), "",
              "| method | seeds | probe mIoU | per seed | above the floor (z) | above its start (z) | at 0 / 25 / 50 / 100% | "
-             "encoder moved (%) | pre-training (s) |" + (" box AP | mask AP |" if det else "") + " paper (another protocol) |",
-             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if det else "") + "---|"]
+             "encoder moved (%) | pre-training (s) |" + (" k-NN top-1 |" if has_knn else "")
+             + (" box AP | mask AP |" if det else "") + " paper (another protocol) |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if has_knn else "") + ("---|---|" if det else "") + "---|"]
     ap = lambda r, k: f" {r[k]['mean']:.2f} ± {r[k]['std']:.2f} |" if k in r else " - |"
     for arch, floor, ceiling in (("resnet18", "random", "supervised"), ("vit_micro", "random-vit", "supervised-vit")):
         if floor not in rows:
@@ -291,7 +322,8 @@ def markdown(rows, times, tier):
             lines.append(f"| {label.get(name, name)} | {len(r['seeds'])} | {r['mean']:.2f} ± {r['std']:.2f} | "
                          f"{' / '.join(f'{v:.2f}' for v in r['final'])} | {above} | {own} | {curve} | "
                          f"{r.get('moved', float('nan')):.2f} | {statistics.mean(spent) if spent else 0:.0f} |".replace("nan", "-")
-                         + (ap(r, "box_AP") + ap(r, "mask_AP") if det else "") + f" {PAPERS.get(name, '-')} |")
+                         + (ap(r, "knn") if has_knn else "") + (ap(r, "box_AP") + ap(r, "mask_AP") if det else "")
+                         + f" {PAPERS.get(name, '-')} |")
     return "\n".join(lines)
 
 

@@ -1,30 +1,40 @@
 """Detection and instance segmentation for eval_dense.py (--task detect | instance).
 
 The papers' headline results are COCO detection with Mask R-CNN R50-FPN 1x in detectron2 (MCL,
-DeCon, SlotCon; DenseCL also VOC). This is that protocol in plain torchvision, so that no
-detectron2 build is needed:
+DeCon, SlotCon, DenseCL) and, for MoCo and DenseCL, PASCAL VOC07+12 detection with Faster R-CNN
+R50-C4. These are those protocols in plain torchvision, so that no detectron2 build is needed:
 
     python eval_dense.py --init runs/mcl --task instance --init-decoder                 # synthetic scenes
     torchrun --nproc_per_node=8 eval_dense.py --init runs/densecl --task instance --data coco   # the 1x schedule
+    torchrun --nproc_per_node=8 eval_dense.py --init runs/moco --task detect --data voc         # VOC07+12, R50-C4
 
-Model: torchvision's MaskRCNN (--task instance) or FasterRCNN (--task detect) on the pre-trained
-ResNet with an FPN (P2-P6), BatchNorm in backbone, FPN and heads (SyncBN under torchrun on CUDA, as
-the papers' configs), the 4conv1fc box head (MCL's and DeCon's configs; detectron2's
-FastRCNNConvFCHead NUM_CONV 4 NUM_FC 1) and the 4-conv mask head. --init-decoder starts the FPN
-from a pre-trained DeCon or MCL decoder and, for MCL, the box head's four convs from its region
-head. Schedule for --data coco (the 1x): 90k iterations at batch 16, SGD lr 0.02, momentum 0.9,
-weight decay 1e-4, linear warm-up over 1000 iterations from lr/1000, x0.1 at 60k and 80k;
-multi-scale training (short side 640-800 by 32, long side <= 1333), test at 800; flips.
+FPN (--detector fpn; COCO and the synthetic scenes): torchvision's MaskRCNN (--task instance) or
+FasterRCNN (--task detect) on the pre-trained ResNet with an FPN (P2-P6), BatchNorm in backbone,
+FPN and heads (SyncBN under torchrun on CUDA, as the papers' configs), the 4conv1fc box head (MCL's
+and DeCon's configs; detectron2's FastRCNNConvFCHead NUM_CONV 4 NUM_FC 1) and the 4-conv mask head.
+--init-decoder starts the FPN from a pre-trained DeCon or MCL decoder and, for MCL, the box head's
+four convs from its region head. Schedule for --data coco (the 1x): 90k iterations at batch 16, SGD
+lr 0.02, momentum 0.9, weight decay 1e-4 (none on norm layers), linear warm-up over 1000 iterations
+from lr/1000, x0.1 at 60k and 80k; multi-scale training (short side 640-800 by 32, long side <=
+1333), test at 800; flips.
+
+C4 (--detector c4, the default with --data voc): MoCo's detectron2 config pascal_voc_R_50_C4_24k_moco
+(build_c4): res2-res4 as the backbone, the pre-trained res5 as the box head on 14 x 14 RoIs
+(ROIAlignV2) with MoCo's extra BatchNorm after it, every BatchNorm trained (SyncBN under torchrun);
+VOC2007+2012 trainval, tested on VOC2007 test; 24k iterations at batch 16, lr 0.02, warm-up 100, x0.1
+at 18k and 22k; short side 480-800 by 32 in training, 800 in testing. Metric: VOC's (evaluation/voc.py).
 
 Metrics: COCO AP, AP50, AP75 for boxes (and masks) with pycocotools (an optional dependency of
-this task: `pip install pycocotools`), on COCO val2017 or on the synthetic scenes as instances
-(every object its visible mask and box after occlusion; classes as in the segmentation task).
+these tasks: `pip install pycocotools`), on COCO val2017 or on the synthetic scenes as instances
+(every object its visible mask and box after occlusion; classes as in the segmentation task); on
+VOC, VOC's AP, AP50 and AP75 (11-point, as detectron2's PascalVOCDetectionEvaluator for 2007).
 Pictures: predictions (boxes, masks, class names, score > 0.5) on the first validation images.
 
-Deviations from detectron2's configs: torchvision's R-CNN implementation (its RoIAlign sampling,
-anchor matching and loss normalisation differ in details from detectron2's); the RPN head has one
-conv, as detectron2's default; no precise BN recomputation before testing; the VOC07+12 Faster
-R-CNN C4 protocol is not implemented.
+Deviations from detectron2's configs: torchvision's R-CNN implementation (its RoIAlign sampling
+for the FPN, anchor matching, smooth-L1 box loss with beta 1/9 where detectron2 uses L1, and loss
+normalisation differ in details); the RPN head has one conv, as detectron2's default; no precise BN
+recomputation before testing (MoCo's C4 config runs 200 iterations of it); SyncBN where MoCo's C4
+config uses naiveSyncBN (DenseCL's: SyncBN).
 """
 import json
 import time
@@ -37,9 +47,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 import common
-from evaluation import weights
+from evaluation import voc, weights
 
 
 
@@ -204,7 +215,10 @@ def collate(batch):
 def build_data(args, device):
     """Training loader, validation loader, number of classes (with background), class names."""
     with_masks = args.task == "instance"
-    if args.data == "coco":
+    if args.data == "voc":  # VOC07+12 trainval -> VOC07 test (evaluation/voc.py)
+        train, val, names = voc.VocDetection(args.data_root, voc.TRAIN_SETS, True), None, list(voc.CLASSES)
+        val = voc.VocDetection(args.data_root, voc.TEST_SETS, False)
+    elif args.data == "coco":
         train = CocoInstances(args.data_root, "train", True, with_masks)
         val = CocoInstances(args.data_root, "val", False, with_masks)
         names = [c["name"] for c in train.coco.loadCats(train.cat_ids)]
@@ -214,7 +228,7 @@ def build_data(args, device):
         val = SyntheticInstances(args.synthetic_val, split="val", train=False, **scenes)
         names = list(common.SYNTHETIC_CLASSES[1:])
     else:
-        raise SystemExit(f"--task {args.task}: --data coco or synthetic (got {args.data}); VOC detection is not implemented")
+        raise SystemExit(f"--task {args.task}: --data coco, voc or synthetic (got {args.data})")
     train_loader = common.make_loader(train, args.batch_per_rank, args.workers, args.seed, device, collate)
     rank = dist.get_rank() if dist.is_initialized() else 0
     val_sampler = list(range(rank, len(val), common.world_size())) if common.world_size() > 1 else None
@@ -250,6 +264,63 @@ def build_model(args, arch, num_classes, backbone_state, meta):
     if args.init_decoder:
         load_decoder(model, meta)
     return model
+
+
+class RoIAlignV2(MultiScaleRoIAlign):
+    """detectron2's ROIAlignV2 pooler on one feature map: roi_align with aligned=True (half-pixel
+    offsets; torchvision's MultiScaleRoIAlign uses aligned=False), adaptive sampling (ratio 0), the
+    map's known scale."""
+
+    def __init__(self, size, scale):
+        super().__init__(["0"], size, sampling_ratio=0)
+        self.size, self.scale = size, scale
+
+    def forward(self, features, proposals, image_shapes):  # features {"0": (B, C, H, W)} -> (R, C, size, size)
+        return roi_align(features["0"], proposals, self.size, self.scale, sampling_ratio=0, aligned=True)
+
+
+class Res5Head(nn.Module):
+    """detectron2's Res5ROIHeads box head, with MoCo's extra BatchNorm after res5: the pre-trained
+    res5 stage (its first block strides 2: 14 x 14 RoIs -> 7 x 7) on each RoI, a BatchNorm
+    (Res5ROIHeadsExtraNorm), then the mean over the 7 x 7: (R, 2048)."""
+
+    def __init__(self, res5, channels):
+        super().__init__()
+        self.res5, self.norm = res5, nn.BatchNorm2d(channels)
+
+    def forward(self, x):  # (R, 1024, 14, 14)
+        return self.norm(self.res5(x)).mean((2, 3))  # (R, 2048)
+
+
+def build_c4(args, arch, num_classes, backbone_state, meta):
+    """Faster R-CNN R50-C4 as MoCo's detectron2 config (pascal_voc_R_50_C4_24k_moco.yaml): the
+    backbone is the stem and res2-res4 (stride 16, 1024 channels), the RPN on it (anchors 32-512,
+    aspect ratios 0.5 / 1 / 2; 12000 / 2000 proposals before / after NMS in training, 6000 / 1000 in
+    testing), RoIs pooled to 14 x 14 (ROIAlignV2), res5 as the box head (Res5Head), a linear
+    classifier and class-specific box regression initialised N(0, 0.01) and N(0, 0.001); 512 RoIs
+    per image, a quarter positive. Every BatchNorm trains (FREEZE_AT 0; SyncBN under torchrun)."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
+    trunk = common.ResNetTrunk(arch)
+    if backbone_state is not None:
+        weights.load_backbone(trunk, backbone_state, arch, meta, args.init)
+    body = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3)
+    body.out_channels = trunk.channels[2]  # res4: 1024 for ResNet-50
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
+    predictor = FastRCNNPredictor(trunk.channels[3], num_classes)
+    nn.init.normal_(predictor.cls_score.weight, std=0.01)
+    nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
+    nn.init.zeros_(predictor.cls_score.bias), nn.init.zeros_(predictor.bbox_pred.bias)
+    return FasterRCNN(body, num_classes=None, rpn_anchor_generator=anchors, rpn_head=RPNHead(body.out_channels, 15),
+                      box_roi_pool=RoIAlignV2(14, 1 / 16), box_head=Res5Head(trunk.layer4, trunk.channels[3]),
+                      box_predictor=predictor, min_size=args.train_sizes, max_size=args.max_size,
+                      image_mean=common.IMAGENET_MEAN, image_std=common.IMAGENET_STD,
+                      rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000,
+                      rpn_post_nms_top_n_train=args.proposals, rpn_post_nms_top_n_test=min(args.proposals, 1000),
+                      box_batch_size_per_image=args.rois_per_image, box_score_thresh=0.05, box_nms_thresh=0.5,
+                      box_detections_per_img=100)
 
 
 def load_decoder(model, meta):
@@ -330,6 +401,33 @@ def evaluate(model, loader, gt, names, args, dtype, device, out):
     return metrics
 
 
+@torch.no_grad()
+def evaluate_voc(model, loader, names, args, dtype, device, out):
+    """VOC's AP, AP50, AP75 (evaluation/voc.py) over the test set, the predictions gathered to rank 0."""
+    model.eval()
+    predictions, pictures = {}, []
+    for images, targets in common.progress(loader, 0, 1):
+        with common.autocast(device, dtype):
+            outputs = model([x.to(device) for x in images])
+        for x, t, o in zip(images, targets, outputs):
+            o = {k: v.float().cpu() for k, v in o.items()}
+            predictions[int(t["image_id"])] = (o["boxes"].numpy(), o["scores"].numpy(), o["labels"].numpy())
+            if len(pictures) < args.pictures:
+                pictures.append((x, o))
+    if common.world_size() > 1:
+        gathered = [None] * common.world_size()
+        dist.all_gather_object(gathered, predictions)
+        predictions = {k: v for part in gathered for k, v in part.items()}
+    model.train()
+    if not common.is_main():
+        return None
+    data = loader.dataset
+    metrics = voc.voc_metrics(predictions, {i: data.ground_truth(i) for i in range(len(data))})
+    if pictures:
+        save_pictures(pictures, names, out / "predictions.png")
+    return metrics
+
+
 def save_pictures(pictures, names, path, threshold=0.5):
     """One row of images: predicted masks, boxes and class names with score > threshold."""
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -362,10 +460,11 @@ def lr_at(step, args):
 
 
 def run(args):
-    require_pycocotools()
+    if args.data != "voc":  # COCO AP
+        require_pycocotools()
     rank, world, device = common.init_distributed()
     common.seed_everything(args.seed)
-    out = common.prepare_output(args, __file__)
+    out = common.prepare_output(args, Path(__file__).resolve().parents[1] / "eval_dense.py")
     log = common.JsonLog(out / "log.jsonl")
     dtype = common.amp_dtype(args.amp, device)
     backbone_state, meta = weights.load_init(args.init)
@@ -373,13 +472,16 @@ def run(args):
     if arch.startswith("vit"):
         raise SystemExit("--task detect / instance: ResNet backbones only (a ViT needs a ViTDet-style detector)")
     train_loader, val_loader, num_classes, names = build_data(args, device)
-    model = build_model(args, arch, num_classes, backbone_state, meta).to(device)
+    build = build_c4 if args.detector == "c4" else build_model
+    model = build(args, arch, num_classes, backbone_state, meta).to(device)
     model = common.sync_batchnorm(model, True)  # SyncBN in backbone, FPN and heads under torchrun on CUDA
-    common.print0(f"eval_dense | {args.task} | init {args.init} ({meta.get('method')}, {arch}) | {args.data}: "
+    common.print0(f"eval_dense | {args.task} ({args.detector.upper()}) | init {args.init} ({meta.get('method')}, {arch}) | {args.data}: "
                   f"{num_classes - 1} classes, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val | "
                   f"{args.iters} iters, batch {args.batch_size}, lr {args.lr:g}, steps {list(args.steps)} | device {device}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    norms = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters()]
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in norms)]
+    optimizer = torch.optim.SGD([{"params": others}, {"params": norms, "weight_decay": 0.0}],  # detectron2's
+                                lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)  # WEIGHT_DECAY_NORM 0
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ckpt_path = out / "checkpoint.pth"
     step, _ = common.resume(ckpt_path, {"model": model}, optimizer, scaler, device, args, log)
@@ -428,8 +530,11 @@ def run(args):
         epoch += 1
     save()
     model.transform.min_size = (args.test_size,)  # single-scale testing
-    gt = coco_ground_truth(val_loader.dataset, names) if common.is_main() else None
-    metrics = evaluate(model, val_loader, gt, names, args, dtype, device, out)
+    if args.data == "voc":
+        metrics = evaluate_voc(model, val_loader, names, args, dtype, device, out)
+    else:
+        gt = coco_ground_truth(val_loader.dataset, names) if common.is_main() else None
+        metrics = evaluate(model, val_loader, gt, names, args, dtype, device, out)
     if common.is_main():
         metrics.update(task=args.task, init=args.init, method=meta.get("method"), arch=arch, data=args.data,
                        iters=args.iters, init_decoder=args.init_decoder)

@@ -71,6 +71,10 @@ def test_quality_pipeline_at_toy_size_reports_what_the_runs_measured(tmp_path):
     down = [common.load_checkpoint(root / "s0" / "moco" / f"downstream-{p}.pth") for p in (0, 100)]
     assert not torch.equal(down[0]["backbone"]["conv1.weight"], down[1]["backbone"]["conv1.weight"])
     assert (root / "quality.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    for name in ("random", "moco", "supervised"):  # the k-NN column: each row's k-NN run
+        top1 = json.loads((root / "s0" / f"knn-{name}" / "metrics.json").read_text())["top1"]
+        assert rows[name]["knn"]["per_seed"] == [top1] and f"{top1:.2f} ± 0.00" in table
+    assert "| k-NN top-1 |" in table
     if importlib.util.find_spec("pycocotools"):  # --detection: the AP columns are the detection runs' metrics
         for name in ("random", "moco", "supervised"):
             det = json.loads((root / "s0" / f"detect-{name}" / "metrics.json").read_text())
