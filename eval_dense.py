@@ -206,6 +206,7 @@ def get_args(argv=None):
         for k, v in seg_data.protocol(args).items():  # the dataset's protocol where a flag was not given
             if getattr(args, k) is None:
                 setattr(args, k, list(v) if isinstance(v, (list, tuple)) else v)
+        args.base_size = args.base_size or args.crop_size  # images scaled around the crop (Cityscapes: native)
     if args.steps is not None and args.iters:  # fractions of --iters (the protocols' form) -> iterations
         args.steps = [int(round(s * args.iters)) if s < 1 else int(s) for s in args.steps]
     common.check_args(p, args, positive=("iters", "batch_size", "lr", "crop_size", "synthetic_train", "synthetic_val",

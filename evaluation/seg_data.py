@@ -17,21 +17,22 @@ CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 IGNORE = 255
 # The protocol of each --protocol and --data: the mmsegmentation configs each repository runs, read
-# from them. Flags left unset take these values. The first group is the data (crop, training scale
-# base_size x U(--scale-range 0.5 2), crops re-drawn while one class covers more than cat_max,
-# photometric distortion, test resize or sliding windows, logits resized with align_corners, input
-# normalisation); the second the fine-tuning (iterations, global batch, SGD lr with x0.1 steps, as
-# fractions of the iterations: 21k/27k of 30k and 63k/81k of 90k are 70% and 90%, or poly 0.9 to min_lr, weight decay, output stride, FCN head, auxiliary head weight). The probe
-# (--task probe) takes the data group only.
+# from them. Flags left unset take these values. The first group is the data: the crop; the training
+# scale, base_size (None: the crop's side) x U(--scale-range 0.5 2); crops re-drawn while one class
+# covers more than cat_max; the photometric distortion; the test resize or sliding windows; logits
+# resized with align_corners; the input normalisation. The second is the fine-tuning: iterations,
+# global batch, SGD lr with x0.1 steps (fractions of the iterations: 21k / 27k of 30k and 63k / 81k
+# of 90k are 70% and 90%) or poly 0.9 down to min_lr, weight decay, output stride, FCN head,
+# auxiliary head weight. The probe (--task probe) takes the data group only.
 SLOTCON_ADE20K = dict(  # SlotCon's README: ade20k/fcn_r50-d8_512x512_80k_ade20k.py (4 GPUs x 4)
-    crop_size=512, base_size=512, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None,
+    crop_size=512, base_size=None, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None,
     align_corners="off", input_norm="imagenet",
     iters=80000, batch_size=16, lr=0.01, steps=None, min_lr=1e-4, weight_decay=5e-4, output_stride=8, fcn_head="d8",
     aux_weight=0.4)
 PROTOCOLS = {
     "slotcon": {  # CVMI-Lab/SlotCon's README, transfer/segmentation: the DeCon and SlotCon papers' tables
         "voc": dict(  # voc12aug/fcn_d6_r50-d16_513x513_30k_voc12aug_moco.py (2 GPUs x 8)
-            crop_size=513, base_size=513, cat_max=1.0, photometric="off", val_resize=[513, 2049], slide=None,
+            crop_size=513, base_size=None, cat_max=1.0, photometric="off", val_resize=[513, 2049], slide=None,
             align_corners="on", input_norm="moco-configs",
             iters=30000, batch_size=16, lr=0.003, steps=[0.7, 0.9], min_lr=0.0, weight_decay=1e-4,
             output_stride=16, fcn_head="d6", aux_weight=0.0),
@@ -44,7 +45,7 @@ PROTOCOLS = {
     },
     "densecl": {  # WXinlong/mmsegmentation (DenseCL's fork), configs/densecl: the DenseCL paper's tables
         "voc": dict(  # fcn_r50-d8_512x512_20k_voc12aug.py (4 per GPU; the GPU count is not in the config)
-            crop_size=512, base_size=512, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None,
+            crop_size=512, base_size=None, cat_max=0.75, photometric="on", val_resize=[512, 2048], slide=None,
             align_corners="off", input_norm="imagenet",
             iters=20000, batch_size=16, lr=0.01, steps=None, min_lr=1e-4, weight_decay=5e-4, output_stride=8,
             fcn_head="d8", aux_weight=0.4),
@@ -57,7 +58,7 @@ PROTOCOLS = {
     },
 }
 SYNTHETIC = dict(  # this project's: plain crops (the scenes' colours are random), a short schedule
-    crop_size=224, base_size=224, cat_max=1.0, photometric="off", val_resize=None, slide=None, align_corners="off",
+    crop_size=224, base_size=None, cat_max=1.0, photometric="off", val_resize=None, slide=None, align_corners="off",
     input_norm="imagenet",
     iters=2000, batch_size=16, lr=0.01, steps=None, min_lr=0.0, weight_decay=5e-4, output_stride=16, fcn_head="d8",
     aux_weight=0.4)

@@ -260,6 +260,7 @@ def test_probe_and_synthetic_defaults_and_overrides():
     args = ev.get_args(["--task", "finetune"])  # synthetic scenes: this project's short schedule, as before
     assert (args.crop_size, args.iters, args.lr, args.min_lr, args.weight_decay, args.output_stride, args.fcn_head,
             args.align_corners, args.input_norm) == (224, 2000, 0.01, 0.0, 5e-4, 16, "d8", "off", "imagenet")
+    assert ev.get_args(["--task", "finetune", "--crop-size", "64"]).base_size == 64  # images scaled around the crop
     args = ev.get_args(["--data", "cityscapes", "--val-resize", "0", "0", "--slide", "0", "0", "--cat-max", "1"])
     assert args.val_resize is None and args.slide is None and args.cat_max == 1
 
