@@ -23,8 +23,8 @@ Contents (one banner section each, in this order):
 10. Arguments                         split_batch, add_run_args, check_args, check_image_size
 11. Logging, stop signals, divergence progress, JsonLog, mean_over_ranks, catch_stop_signals,
                                       stop_requested, exit_on_signal, check_finite
-12. Output folder and checkpoints     prepare_output, save_checkpoint, resume, NEUTRAL_ARGS,
-                                      load_checkpoint, CheckpointError, save_downstream
+12. Output folder and checkpoints     prepare_output, write_run_record, save_checkpoint, resume,
+                                      NEUTRAL_ARGS, load_checkpoint, CheckpointError, save_downstream
 """
 import functools
 import json

@@ -27,18 +27,19 @@ Tasks:
   DINO's (ViT) linear protocol, on an ImageNet-layout folder or the synthetic scenes
   (evaluation/classification.py).
 
-Backbones: ResNet-18/50 (probe and fine-tuning) and the ViTs of adclr.py (probe on the patch
-tokens, at the patch stride).
+Backbones: ResNets and the ViTs of adclr.py (the probe on the patch tokens at the patch stride,
+fine-tuning on a simple feature pyramid, k-NN and linear on the [CLS] tokens).
 
 Initialisation (--init): `random`; a run folder or its downstream.pth (method, arch and decoder are
 read from the file); or the authors' released checkpoints of MoCo, DenseCL/OpenSelfSup, SlotCon,
 DeCon, MCL and DINO/ADCLR, or a plain state dict (evaluation/weights.py lists the layouts). Every backbone tensor
 must be found. Nothing is downloaded. --export writes detectron2, torchvision or timm files.
 
-Data (--data): synthetic (default; 9 classes incl. background), voc, cityscapes, ade20k; see
-docs/downstream.md for layouts. Metrics: mIoU, per-class IoU and pixel accuracy from a confusion matrix summed
-over all ranks, written to <output-dir>/metrics.json. Pictures: <output-dir>/predictions.png
-(image / ground truth / prediction / PCA of the features) for the first validation images.
+Data (--data): synthetic (default), voc, cityscapes, ade20k (segmentation), coco, voc (detection),
+imagenet or any ImageFolder-layout folder (knn, linear); docs/downstream.md has the layouts.
+Metrics in <output-dir>/metrics.json: segmentation mIoU, per-class IoU and pixel accuracy from a
+confusion matrix summed over all ranks; COCO or VOC AP; top-1 and top-5. Segmentation and detection
+also draw <output-dir>/predictions.png for the first validation images.
 
 Protocol (--protocol, seg_data.PROTOCOLS): for voc, cityscapes and ade20k every flag left unset takes
 the configs of the papers: `slotcon` (default), the three SlotCon's README runs and the DeCon and
@@ -71,7 +72,9 @@ from evaluation import pictures, seg_data, weights
 # =================================================================================================
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="dense downstream evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--init", default="random", help="random | a run folder | a downstream.pth | a torchvision state dict")
+    p.add_argument("--init", default="random",
+                   help="random | a run folder | a downstream.pth | an authors' checkpoint (MoCo, DenseCL, SlotCon, DeCon, "
+                        "MCL, DINO/ADCLR) | a torchvision or timm state dict")
     p.add_argument("--arch", default=None, help="resnet18 | resnet50 (default: from --init's metadata, else resnet50)")
     p.add_argument("--task", default="probe", choices=["probe", "finetune", "detect", "instance", "knn", "linear"],
                    help="probe / finetune: semantic segmentation; detect / instance: Faster / Mask R-CNN (needs "
@@ -104,7 +107,8 @@ def get_args(argv=None):
     p.add_argument("--synthetic-style", default="colour", choices=common.SCENE_STYLES,
                    help="synthetic scenes in colour, or mono: grey background, dark and light grey objects")
     # The protocol's training (segmentation: seg_data.PROTOCOLS; detection: the 1x schedule)
-    p.add_argument("--iters", type=int, default=None, help="training iterations (protocol; synthetic 2000; COCO detection 90k)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="training iterations (protocol; synthetic 2000; COCO detection 90k, VOC detection 24k)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (protocol; detection 16)")
     p.add_argument("--lr", type=float, default=None, help="SGD lr (protocol; the probe 0.01; detection 0.02 x batch / 16)")
     p.add_argument("--steps", type=float, nargs="+", default=None,
@@ -187,6 +191,10 @@ def get_args(argv=None):
         args.detector = args.detector or ("c4" if voc else "fpn")
         if args.detector == "c4" and args.task == "instance":
             p.error("--detector c4 is Faster R-CNN (boxes): --task detect; instance masks take --detector fpn")
+        if voc and args.task == "instance":
+            p.error("--data voc has boxes, no instance masks: --task detect")
+        if args.detector == "c4" and args.init_decoder:
+            p.error("--init-decoder starts an FPN: --detector fpn (the C4 detector has no FPN)")
     if classification:  # the rest (batch, lr, epochs, features) depends on the network: main() resolves it
         args.crop_size = args.crop_size or 224
     elif detection:  # the 1x schedule

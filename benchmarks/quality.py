@@ -41,7 +41,7 @@ TIERS = {
     "toy": dict(size=32, batch=32, images=64, epoch_len=32, probe_train=16, probe_val=8, workers=0, det_iters=2,
                 scenes="colour"),  # the test
 }
-# The same budgets on the "mono" scenes (imagedata.synthetic_scene: no colour, so an instance
+# The same budgets on the "mono" scenes (common.synthetic_scene: no colour, so an instance
 # pretext has to use the shapes): --tier cpu-mono, gpu-mono, toy-mono.
 TIERS.update({f"{name}-mono": dict(t, scenes="mono") for name, t in list(TIERS.items())})
 FRACTIONS = (0.0, 0.25, 0.5, 1.0)  # where the learning curves are probed

@@ -8,7 +8,7 @@
 - linear, each paper's protocol: for a ResNet MoCo's main_lincls.py (the backbone frozen in eval
   mode, a linear layer on the pooled C5 initialised N(0, 0.01), SGD lr 30 at batch 256, momentum 0.9,
   no weight decay, 100 epochs, lr x0.1 at epochs 60 and 80; RandomResizedCrop + flip; validation
-  resize 256, centre crop 224); for a ViT DINO's eval_linear.py (the [CLS] tokens of the last 4
+  resize 256 (bilinear), centre crop 224); for a ViT DINO's eval_linear.py (the [CLS] tokens of the last 4
   blocks concatenated, each after the last norm; ViT-B: the last block's [CLS] and its mean patch
   token; SGD lr 0.001 x batch / 256 at batch 1024, cosine per epoch to 0, 100 epochs; bicubic
   validation resize).
@@ -47,7 +47,7 @@ PROTOCOLS = {  # the linear protocol of each backbone family, from the papers' c
 
 def defaults(args, arch):
     """--task knn / linear: the linear protocol of the network's paper (MoCo's for a ResNet, DINO's
-    for a ViT: evaluation/PROTOCOLS), the features, the per-rank batch."""
+    for a ViT: PROTOCOLS), the features, the per-rank batch (k-NN: 256 images per step)."""
     vit = arch.startswith("vit")
     args.linear_protocol = "dino" if vit else "moco"
     protocol = PROTOCOLS[args.linear_protocol]
@@ -123,19 +123,21 @@ def collate_skip(batch):
     return (torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])) if batch else (None, None)
 
 
-def transforms(crop, train):
+def transforms(crop, train, bicubic=True):
     """MoCo's and DINO's: training RandomResizedCrop + flip; evaluation (and k-NN's training
-    features) resize to 256/224 of the crop, bicubic, and centre crop. ImageNet mean / std."""
+    features) resize to 256/224 of the crop and centre crop, bicubic as DINO, bilinear as MoCo's
+    main_lincls.py (torchvision's default). ImageNet mean / std."""
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
     if train:
         return v2.Compose([v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip(), *tail])
-    return v2.Compose([v2.Resize(round(crop * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(crop), *tail])
+    mode = v2.InterpolationMode.BICUBIC if bicubic else v2.InterpolationMode.BILINEAR
+    return v2.Compose([v2.Resize(round(crop * 256 / 224), interpolation=mode, antialias=True), v2.CenterCrop(crop), *tail])
 
 
 def dataset(args, split, train_transform):
     """The split ("train" or "val") of --data with its transform; returns (dataset, class names)."""
-    transform = transforms(args.crop_size, train_transform)
+    transform = transforms(args.crop_size, train_transform,
+                           bicubic=args.task == "knn" or args.linear_protocol == "dino")  # MoCo's: bilinear
     if args.data == "synthetic":
         n = args.synthetic_train if split == "train" else args.synthetic_val
         ds = SyntheticImages(n, args.synthetic_size, args.seed, split, transform, args.synthetic_style)

@@ -68,10 +68,12 @@ PROBE = dict(iters=2000, batch_size=16, lr=0.01, steps=None, min_lr=0.0, weight_
 
 
 def protocol(args):
-    """The defaults of --protocol for --data and --task (see PROTOCOLS)."""
+    """The defaults of --protocol for --data and --task (see PROTOCOLS). The probe's frozen network
+    sees its inputs normalised as in pre-training (a frozen BatchNorm cannot absorb the moco-configs
+    scale)."""
     table = SYNTHETIC if args.data == "synthetic" else PROTOCOLS[args.protocol][args.data]
     if args.task == "probe":
-        return {**{k: table[k] for k in DATA_KEYS}, **PROBE}
+        return {**{k: table[k] for k in DATA_KEYS}, **PROBE, "input_norm": "imagenet"}
     return dict(table)
 
 

@@ -256,6 +256,7 @@ def test_finetune_defaults_are_the_papers_configs(protocol, data, expected):
 
 def test_probe_and_synthetic_defaults_and_overrides():
     args = ev.get_args(["--data", "voc"])  # the probe: the dataset's data protocol, its own training
+    assert args.input_norm == "imagenet"  # a frozen network sees its pre-training's normalisation
     assert (args.crop_size, args.val_resize, args.lr, args.steps, args.weight_decay, args.iters) == (513, [513, 2049], 0.01, None, 0.0, 2000)
     args = ev.get_args(["--task", "finetune"])  # synthetic scenes: this project's short schedule, as before
     assert (args.crop_size, args.iters, args.lr, args.min_lr, args.weight_decay, args.output_stride, args.fcn_head,

@@ -123,3 +123,11 @@ def test_voc_c4_run(tmp_path):
            "--rois-per-image", "32", "--workers", "0", "--output-dir", tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(m) >= {"box_AP", "box_AP50", "box_AP75"} and 0 <= m["box_AP50"] <= 100
+
+
+@pytest.mark.parametrize("flags,says", [(["--task", "instance", "--data", "voc", "--detector", "fpn"], "no instance masks"),
+                                        (["--task", "detect", "--data", "voc", "--init-decoder"], "--detector fpn")])
+def test_voc_combinations_that_cannot_work_are_refused(flags, says, capsys):
+    with pytest.raises(SystemExit):
+        ev.get_args(flags)
+    assert says in capsys.readouterr().err

@@ -231,7 +231,7 @@ def test_timm_export_names_what_it_cannot_do(tmp_path):
                                           export=("timm", str(tmp_path / "t.pth"))))
     torch.save(common.ViT("vit_small", 8, 224).state_dict(), tmp_path / "s8.pth")  # no metadata, read as patch 16:
     with pytest.raises(SystemExit, match="8-pixel patches, the model 16: pass --patch-size 8"):  # not "pass --arch"
-        weights.load_backbone(common.ViT("vit_small", 16, 224), torch.load(tmp_path / "s8.pth"), "vit_small", {}, "s8.pth")
+        weights.load_backbone(common.ViT("vit_small", 16, 224), torch.load(tmp_path / "s8.pth", weights_only=True), "vit_small", {}, "s8.pth")
 
 
 def test_vit_fine_tunes_with_a_simple_feature_pyramid(tmp_path):
