@@ -1,8 +1,7 @@
-"""weights.py and eval_dense.py's downstream plumbing: the authors' checkpoint layouts (built here with
+"""evaluation/weights.py and eval_dense.py's downstream plumbing: the authors' checkpoint layouts (built here with
 the key names and nesting the official code saves), all-or-nothing loading, exports, per-configuration
 output folders, the VOC list names, the test-time resize."""
 import argparse
-import importlib.util
 import json
 import pickle
 
