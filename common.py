@@ -1284,8 +1284,10 @@ def load_checkpoint(path, device="cpu"):
         prev = Path(path).with_name(Path(path).stem + ".prev.pth")
         keep = (f" The previous checkpoint {prev} is kept: `cp {prev} {path}` resumes from it."
                 if prev.exists() and Path(path).name == "checkpoint.pth" else "")
-        raise CheckpointError(f"cannot read {path} ({why}): it is damaged (a write cut short?) or not a file this "
-                              f"project wrote. Move it aside (mv {path} {path}.bad) and rerun.{keep}") from None
+        error = CheckpointError(f"cannot read {path} ({why}): it is damaged (a write cut short?) or not a file "
+                                f"this project wrote. Move it aside (mv {path} {path}.bad) and rerun.{keep}")
+        error.why = why  # for callers whose advice differs (eval_dense's --init)
+        raise error from None
 
 
 def load_state(module, state, what, path):

@@ -34,8 +34,13 @@ RESNET_DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34/50", (3, 4, 2
 def read_checkpoint(path):
     """torch.load with weights_only=True, allowing argparse.Namespace (SlotCon and DINO store their
     arguments as one): a plain record of values, no code."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return common.load_checkpoint(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return common.load_checkpoint(path)
+    except common.CheckpointError as e:
+        raise SystemExit(f"--init {path}: cannot be read as a checkpoint ({e.why}). Give a run folder, a "
+                         f"downstream.pth, an official checkpoint (docs/downstream.md: Use the authors' weights) "
+                         f"or 'random'.") from None
 
 
 def infer_arch(state):

@@ -91,6 +91,24 @@ def test_eval_init_missing_or_without_downstream_weights(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "downstream.pth does not exist" in proc.stderr
 
 
+def test_eval_init_that_is_not_a_checkpoint(tmp_path):
+    """--init naming random bytes or a pickled object (not tensors) is one line naming the file, for
+    every task (the export and the detection tasks read it through the same function)."""
+    import torch
+    junk, pickled = tmp_path / "junk.pth", tmp_path / "pickled.pth"
+    junk.write_bytes(bytes(range(256)) * 4)
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # a whole module: refused by weights_only=True
+    for init, why in ((junk, "its bytes do not read as a PyTorch checkpoint"),
+                      (pickled, "it holds objects other than tensors")):
+        for task in ("probe", "knn", "detect"):
+            out = tmp_path / f"ev-{task}"
+            stops(eval_dense.main, ["--init", init, "--task", task, "--output-dir", out], out,
+                  f"--init {init}: cannot be read as a checkpoint ({why}")
+    proc = subprocess.run([sys.executable, "eval_dense.py", "--init", str(junk)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "cannot be read as a checkpoint" in proc.stderr
+
+
 def test_vit_finetune_takes_the_pyramid_head_and_refuses_fcn(tmp_path):
     flags = ["--arch", "vit_micro", "--patch-size", "8", "--task", "finetune", "--synthetic-size", "32", "--crop-size",
              "32", "--synthetic-train", "4", "--synthetic-val", "2", "--iters", "1", "--batch-size", "2", "--workers", "0"]
