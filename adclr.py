@@ -87,7 +87,7 @@ BICUBIC = v2.InterpolationMode.BICUBIC
 # =================================================================================================
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="ADCLR pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="vit_small", help="vit_micro | vit_tiny | vit_small | vit_base (paper: vit_small)")
+    p.add_argument("--arch", default="vit_small", choices=list(common.VIT_ARCHS), help="paper: vit_small")
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--out-dim", type=int, default=65536, help="DINO head output dimension (DINO: 65536)")
     p.add_argument("--norm-last-layer", default="true", choices=["true", "false"],

@@ -9,7 +9,8 @@ Contents (one banner section each, in this order):
  1. Distributed (torchrun) helpers    init_distributed, is_main, print0, world_size, concat_all_gather,
                                       sync_batchnorm
  2. Shuffle BN in one process         add_bn_splits_arg, check_bn_splits, SplitBatchNorm2d, split_batchnorm
- 3. Backbones                         ResNetTrunk (C2-C5), FPN, ViT (Attention, Block, drop_path), VIT_ARCHS
+ 3. Backbones                         RESNET_ARCHS, ResNetTrunk (C2-C5), FPN, ViT (Attention, Block,
+                                      drop_path), VIT_ARCHS
  4. Synthetic scenes                  synthetic_scene, SyntheticScenes, SYNTHETIC_CLASSES
  5. Image folders (--data presets)    add_data_args, build_pretrain_dataset, ImageFiles, WarnOnce, open_rgb,
                                       find_images, resolve_image_folders, default_data_root, DATA_LAYOUTS
@@ -183,6 +184,9 @@ def split_batchnorm(module, splits):
 # =================================================================================================
 # 3. Backbones: ResNet trunk, FPN, ViT
 # =================================================================================================
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # the --arch choices of the ResNet files
+
+
 class ResNetTrunk(nn.Module):
     """torchvision ResNet without avgpool/fc, keeping torchvision's parameter names.
 
@@ -192,8 +196,8 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, arch="resnet50", pyramid=False, conv_init="fan_out", zero_init_residual=False):
         super().__init__()
-        if arch not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-            raise ValueError(f"--arch {arch}: expected resnet18, resnet34, resnet50 or resnet101")
+        if arch not in RESNET_ARCHS:
+            raise ValueError(f"--arch {arch}: expected one of {', '.join(RESNET_ARCHS)}")
         # torchvision's init (kaiming normal, fan_out) is MoCo's and SlotCon's; OpenSelfSup's ResNet
         # (DenseCL, MCL) uses fan_in. SlotCon also zeroes the last BN gamma of every residual block.
         net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)

@@ -102,7 +102,7 @@ def get_args(argv=None):
     p.add_argument("--fcn-channels", type=int, default=256, help="FCN decoder width (ADE20K setting: 512)")
     p.add_argument("--fcn-dilation", type=int, default=6, help="dilation of the FCN decoder's 3x3 convs (VOC/Cityscapes: 6, ADE20K: 1)")
     p.add_argument("--encoder-loss-weight", type=float, default=0.5, help="alpha in alpha·L_enc + (1-alpha)·L_dec; 0 = no encoder head")
-    p.add_argument("--arch", default="resnet50", help="resnet18 | resnet50 (paper: resnet50)")
+    p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop side (paper: 224)")
     p.add_argument("--num-prototypes", type=int, default=None, help="K (SlotCon: 256 on COCO, 2048 on ImageNet)")
     p.add_argument("--decoder-num-prototypes", type=int, default=None, help="K of the decoder heads (default: --num-prototypes)")

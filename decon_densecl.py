@@ -62,7 +62,7 @@ def get_args(argv=None):
     p.add_argument("--fcn-channels", type=int, default=256, help="FCN decoder width (ADE20K setting: 512)")
     p.add_argument("--fcn-dilation", type=int, default=6, help="dilation of the FCN decoder's 3x3 convs")
     p.add_argument("--encoder-loss-weight", type=float, default=0.5, help="alpha in alpha·L_enc + (1-alpha)·L_dec")
-    p.add_argument("--arch", default="resnet50", help="resnet18 | resnet50 (paper: resnet50)")
+    p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop side (paper: 224)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension of every head (DenseCL: 128)")
     p.add_argument("--queue-size", type=int, default=65536, help="length K of each queue (DenseCL: 65536)")

@@ -84,7 +84,7 @@ import common
 # =================================================================================================
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="DenseCL pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet50", help="backbone: resnet18 | resnet50 (paper: resnet50)")
+    p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop side (paper: 224)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension of both heads (paper: 128)")
     p.add_argument("--queue-size", type=int, default=65536, help="length K of each queue (paper: 65536)")

@@ -75,7 +75,8 @@ def get_args(argv=None):
     p.add_argument("--init", default="random",
                    help="random | a run folder | a downstream.pth | an authors' checkpoint (MoCo, DenseCL, SlotCon, DeCon, "
                         "MCL, DINO/ADCLR) | a torchvision or timm state dict")
-    p.add_argument("--arch", default=None, help="resnet18 | resnet50 (default: from --init's metadata, else resnet50)")
+    p.add_argument("--arch", default=None, choices=[*common.RESNET_ARCHS, *common.VIT_ARCHS],
+                   help="default: from --init's metadata, else resnet50")
     p.add_argument("--task", default="probe", choices=["probe", "finetune", "detect", "instance", "knn", "linear"],
                    help="probe / finetune: semantic segmentation; detect / instance: Faster / Mask R-CNN (needs "
                         "pycocotools); knn / linear: image classification on frozen features (evaluation/classification.py)")

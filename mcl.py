@@ -86,7 +86,7 @@ FPN_MAP = {1: 3, 2: 2, 4: 1, 8: 0}  # ratio -> index into the FPN outputs [P2, P
 # =================================================================================================
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MCL pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet50", help="resnet18 | resnet50 (paper: resnet50)")
+    p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop and montage side; a multiple of 32 (paper: 224)")
     p.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature T (MCL: 1.0)")
     p.add_argument("--level-weights", type=float, nargs=4, default=(0.5, 0.25, 0.125, 0.125), help="per ratio 1, 2, 4, 8")

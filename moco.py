@@ -67,7 +67,7 @@ import common
 # =================================================================================================
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo v2 pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet50", help="backbone: resnet18 | resnet50 (paper: resnet50)")
+    p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop side (paper: 224)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension (paper: 128)")
     p.add_argument("--queue-size", type=int, default=65536, help="negative keys in the queue, K (paper: 65536)")

@@ -80,6 +80,13 @@ def test_non_finite_float_flags_are_refused_at_parse_time(script, flag, value, c
     assert stop.value.code == 2 and "must be a finite number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", [*METHODS, "eval_dense"])
+def test_an_unknown_arch_is_refused_at_parse_time(script, capsys):
+    with pytest.raises(SystemExit) as stop:
+        __import__(script).get_args(["--arch", "resnet5"])
+    assert stop.value.code == 2 and "--arch: invalid choice: 'resnet5'" in capsys.readouterr().err
+
+
 def test_eval_init_missing_or_without_downstream_weights(tmp_path):
     run = tmp_path / "run"
     run.mkdir()  # a run folder that has not finished: no downstream.pth
