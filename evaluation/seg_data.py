@@ -104,7 +104,7 @@ def seg_pairs(data, root, split):
         list_file = aug[0] if split == "train" and labels.name.endswith("Aug") and aug else lists / f"{split}.txt"
         layout = f"{base}/JPEGImages/*.jpg, {base}/SegmentationClass[Aug]/*.png, {lists}/{{train,val,trainaug}}.txt"
         if not list_file.exists() or not labels.is_dir():
-            raise FileNotFoundError(f"--data voc: {list_file} or {labels} missing. Expected layout: {layout}")
+            raise SystemExit(f"--data voc: {list_file} or {labels} missing. Expected layout: {layout}")
         ids = list_file.read_text().split()
         if list_file.name == "aug.txt":  # mmsegmentation's aug.txt holds the extra images only: add train.txt's
             ids = sorted(set(ids) | set((lists / "train.txt").read_text().split()))
@@ -113,7 +113,7 @@ def seg_pairs(data, root, split):
     if data == "cityscapes":
         img_dir = root / "cityscapes" / "leftImg8bit" / split
         if not img_dir.is_dir():
-            raise FileNotFoundError(f"--data cityscapes: {img_dir} missing. Expected layout: <data-root>/cityscapes/"
+            raise SystemExit(f"--data cityscapes: {img_dir} missing. Expected layout: <data-root>/cityscapes/"
                                     f"leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png and gtFine/{{train,val}}/<city>/"
                                     f"*_gtFine_labelIds.png")
         imgs = sorted(img_dir.rglob("*_leftImg8bit.png"))
@@ -123,7 +123,7 @@ def seg_pairs(data, root, split):
         sub = "training" if split == "train" else "validation"
         base = root / "ADEChallengeData2016"
         if not (base / "images" / sub).is_dir():
-            raise FileNotFoundError(f"--data ade20k: {base / 'images' / sub} missing. Expected layout: <data-root>/"
+            raise SystemExit(f"--data ade20k: {base / 'images' / sub} missing. Expected layout: <data-root>/"
                                     f"ADEChallengeData2016/{{images,annotations}}/{{training,validation}}/*.jpg|png")
         imgs = sorted((base / "images" / sub).glob("*.jpg"))
         return [(p, base / "annotations" / sub / (p.stem + ".png")) for p in imgs], 150, ade20k_lut()
@@ -135,7 +135,7 @@ class SegFiles(Dataset):
 
     def __init__(self, pairs, lut, transform):
         if not pairs:
-            raise FileNotFoundError("no image/label pairs found: check the layout in docs/downstream.md")
+            raise SystemExit("no image/label pairs found: check the layout in docs/downstream.md")
         self.pairs, self.lut, self.transform = pairs, lut, transform
 
     def __len__(self):

@@ -116,6 +116,23 @@ def test_eval_init_that_is_not_a_checkpoint(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "cannot be read as a checkpoint" in proc.stderr
 
 
+@pytest.mark.parametrize("data,says", [("voc", "--data voc: "), ("cityscapes", "--data cityscapes: "),
+                                       ("ade20k", "--data ade20k: "), ("voc-empty", "no image/label pairs")])
+def test_missing_segmentation_data_is_one_line(tmp_path, data, says):
+    root = tmp_path / "data"
+    if data == "voc-empty":  # the layout is there, the lists name no image
+        base = root / "VOCdevkit" / "VOC2012"
+        (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+        (base / "SegmentationClass").mkdir()
+        for split in ("train", "val"):
+            (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("")
+        data = "voc"
+    root.mkdir(exist_ok=True)
+    for task in ("probe", "finetune"):
+        out = tmp_path / f"ev-{task}"
+        stops(eval_dense.main, ["--task", task, "--data", data, "--data-root", root, "--output-dir", out], out, says)
+
+
 def test_vit_finetune_takes_the_pyramid_head_and_refuses_fcn(tmp_path):
     flags = ["--arch", "vit_micro", "--patch-size", "8", "--task", "finetune", "--synthetic-size", "32", "--crop-size",
              "32", "--synthetic-train", "4", "--synthetic-val", "2", "--iters", "1", "--batch-size", "2", "--workers", "0"]

@@ -90,7 +90,7 @@ def test_ade20k_zero_is_ignored(tmp_path):
 
 @pytest.mark.parametrize("data", ["voc", "cityscapes", "ade20k"])
 def test_missing_layout_is_a_clear_error(tmp_path, data):
-    with pytest.raises(FileNotFoundError, match="Expected layout"):
+    with pytest.raises(SystemExit, match="Expected layout"):
         seg_data.seg_pairs(data, tmp_path, "train")
 
 
