@@ -243,7 +243,8 @@ def default_output_dir(args):
     config = {k: v for k, v in sorted(vars(args).items()) if k not in common.NEUTRAL_ARGS}
     digest = hashlib.sha1(json.dumps(config, default=str).encode()).hexdigest()[:8]
     head = (f"-{args.head}" if args.task == "finetune" else "") + ("-decoder" if args.init_decoder else "")
-    return f"runs/eval/{init}-{args.task}{head}-{args.data}-{digest}"
+    data = Path(args.data).resolve().name or "data"  # a preset's name, or the last folder of a --data path
+    return f"runs/eval/{init}-{args.task}{head}-{data}-{digest}"
 
 
 def check_same_init(out, args):

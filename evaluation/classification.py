@@ -231,6 +231,7 @@ def run_knn(args, net, out, device, dtype):
     """--task knn: the features of both splits once, then the vote."""
     train_ds, classes = dataset(args, "train", train_transform=False)  # DINO: no augmentation for the bank
     val_ds, _ = dataset(args, "val", train_transform=False)
+    common.write_run_record(out, args)  # once the data is found: a refused start leaves nothing behind
     common.print0(f"k-NN | k {args.k}, T {args.knn_temperature} | {len(train_ds)} train / {len(val_ds)} val images, "
                   f"{len(classes)} classes | crop {args.crop_size}")
     train_f, train_y = extract(net, train_ds, args, device, dtype)
@@ -346,7 +347,6 @@ def run(args, backbone_state, meta, arch):
     dtype = common.amp_dtype(args.amp, device)
     net = build_backbone(args, backbone_state, meta, arch).to(device)
     if args.task == "knn":
-        common.write_run_record(out, args)
         results = run_knn(args, net, out, device, dtype)
     else:
         results = run_linear(args, net, out, device, dtype, log)

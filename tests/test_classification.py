@@ -3,6 +3,7 @@ loop, each paper's linear protocol (schedule, features, init, frozen backbone), 
 ImageNet-layout tree and on the synthetic scenes."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,12 +123,23 @@ def test_synthetic_image_label_is_the_largest_object():
     assert len(set(labels)) >= 5 and all(0 <= y < 8 for y in labels)
 
 
-def test_a_bad_classification_folder_is_a_clear_error(tmp_path):
+def test_a_bad_classification_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output folder goes below runs/eval here
     with pytest.raises(SystemExit) as stop:
         ev.main(["--task", "knn", "--data", str(tmp_path / "nowhere")])
     assert stop.value.code == 2  # argparse: the message names the layout
     (tmp_path / "flat" / "train").mkdir(parents=True)
     (tmp_path / "flat" / "val").mkdir()
-    with pytest.raises(SystemExit, match=r"no images in .*train/<class>/\*"):
-        ev.main(["--task", "knn", "--arch", "resnet18", "--data", str(tmp_path / "flat"), "--output-dir",
-                 str(tmp_path / "x")])
+    for task in ("knn", "linear"):  # an explicit folder and the default one: neither is left behind
+        for out in ([], ["--output-dir", str(tmp_path / "x")]):
+            with pytest.raises(SystemExit, match=r"no images in .*train/<class>/\*"):
+                ev.main(["--task", task, "--arch", "resnet18", "--data", str(tmp_path / "flat"), *out])
+    assert not (tmp_path / "x").exists() and not Path("runs").exists()
+
+
+def test_a_data_path_names_one_flat_evaluation_folder():
+    """--data /a/b/imagenet gives runs/eval/<init>-<task>-imagenet-<hash>: one folder, no nesting."""
+    args = ev.get_args(["--task", "knn", "--data", str(Path(__file__).parent)])
+    args.init_sha = "random"
+    name = ev.default_output_dir(args)
+    assert Path(name).parent == Path("runs/eval") and name.startswith("runs/eval/random-knn-tests-"), name
