@@ -80,6 +80,19 @@ def test_non_finite_float_flags_are_refused_at_parse_time(script, flag, value, c
     assert stop.value.code == 2 and "must be a finite number" in capsys.readouterr().err
 
 
+def test_resnet_weights_with_a_vit_arch_are_one_line(tmp_path):
+    """A ResNet's weights given with --arch vit_*: the file's architecture named, for the segmentation,
+    classification and export paths (each reads the ViT's geometry off the file first)."""
+    common.save_downstream(tmp_path / "r18.pth", "moco", "resnet18", common.ResNetTrunk("resnet18"))
+    small = ["--synthetic-train", "8", "--synthetic-val", "4", "--synthetic-size", "32", "--crop-size", "32",
+             "--batch-size", "4", "--workers", "0"]
+    for extra in (["--task", "probe"], ["--task", "knn"], ["--export", "timm", tmp_path / "t.pth"]):
+        out = tmp_path / "ev"
+        stops(eval_dense.main, ["--init", tmp_path / "r18.pth", "--arch", "vit_small", *small, *extra,
+                                "--output-dir", out], out, "holds no ViT (the file's architecture: resnet18)")
+    assert not (tmp_path / "t.pth").exists()
+
+
 @pytest.mark.parametrize("script", [*METHODS, "eval_dense"])
 def test_an_unknown_arch_is_refused_at_parse_time(script, capsys):
     with pytest.raises(SystemExit) as stop:
