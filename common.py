@@ -1269,7 +1269,12 @@ def save_atomic(obj, path):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not belong to this run; the message says what to do."""
+    """A checkpoint that cannot be read or does not belong to this run; the message says what to do,
+    `why` what was wrong with the file (for callers whose advice differs, as eval_dense's --init)."""
+
+    def __init__(self, message, why=None):
+        super().__init__(message)
+        self.why = why
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1288,10 +1293,8 @@ def load_checkpoint(path, device="cpu"):
         prev = Path(path).with_name(Path(path).stem + ".prev.pth")
         keep = (f" The previous checkpoint {prev} is kept: `cp {prev} {path}` resumes from it."
                 if prev.exists() and Path(path).name == "checkpoint.pth" else "")
-        error = CheckpointError(f"cannot read {path} ({why}): it is damaged (a write cut short?) or not a file "
-                                f"this project wrote. Move it aside (mv {path} {path}.bad) and rerun.{keep}")
-        error.why = why  # for callers whose advice differs (eval_dense's --init)
-        raise error from None
+        raise CheckpointError(f"cannot read {path} ({why}): it is damaged (a write cut short?) or not a file this "
+                              f"project wrote. Move it aside (mv {path} {path}.bad) and rerun.{keep}", why) from None
 
 
 def load_state(module, state, what, path):

@@ -596,7 +596,7 @@ def main(argv=None):
     img_size = meta.get("img_size", args.crop_size if args.init == "random" else 224)  # a ViT's positional table
     patch_size = args.patch_size or meta.get("patch_size", 16)
     if arch.startswith("vit") and backbone_state is not None:  # a file without metadata: read off its tensors
-        patch_size, img_size = weights.vit_geometry(backbone_state, meta, args.patch_size, args.init)
+        patch_size, img_size = weights.vit_geometry(backbone_state, meta, args.patch_size)
     model = Segmenter(arch, args.task, args.head, num_classes, args.output_stride, aux=args.aux_weight > 0,
                       fpn_levels=levels, patch_size=patch_size, img_size=img_size,
                       probe_layers=args.probe_layers, fcn_head=args.fcn_head).to(device)

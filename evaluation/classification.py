@@ -153,7 +153,7 @@ def dataset(args, split, train_transform):
 def build_backbone(args, backbone_state, meta, arch):
     """The frozen network of --init (eval mode, no gradients)."""
     if arch.startswith("vit"):
-        patch, img_size = (weights.vit_geometry(backbone_state, meta, args.patch_size, args.init)
+        patch, img_size = (weights.vit_geometry(backbone_state, meta, args.patch_size)
                            if backbone_state is not None else (args.patch_size or 16, args.crop_size))
         net = common.ViT(arch, patch, img_size)
     else:

@@ -114,8 +114,8 @@ def seg_pairs(data, root, split):
         img_dir = root / "cityscapes" / "leftImg8bit" / split
         if not img_dir.is_dir():
             raise SystemExit(f"--data cityscapes: {img_dir} missing. Expected layout: <data-root>/cityscapes/"
-                                    f"leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png and gtFine/{{train,val}}/<city>/"
-                                    f"*_gtFine_labelIds.png")
+                             f"leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png and gtFine/{{train,val}}/<city>/"
+                             f"*_gtFine_labelIds.png")
         imgs = sorted(img_dir.rglob("*_leftImg8bit.png"))
         lbl = lambda p: Path(str(p).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
         return [(p, lbl(p)) for p in imgs], 19, cityscapes_lut()
@@ -124,7 +124,7 @@ def seg_pairs(data, root, split):
         base = root / "ADEChallengeData2016"
         if not (base / "images" / sub).is_dir():
             raise SystemExit(f"--data ade20k: {base / 'images' / sub} missing. Expected layout: <data-root>/"
-                                    f"ADEChallengeData2016/{{images,annotations}}/{{training,validation}}/*.jpg|png")
+                             f"ADEChallengeData2016/{{images,annotations}}/{{training,validation}}/*.jpg|png")
         imgs = sorted((base / "images" / sub).glob("*.jpg"))
         return [(p, base / "annotations" / sub / (p.stem + ".png")) for p in imgs], 150, ade20k_lut()
     raise ValueError(data)

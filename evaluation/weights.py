@@ -252,13 +252,12 @@ TIMM_NAMES = {("vit_tiny", 16): "vit_tiny_patch16_224", ("vit_small", 16): "vit_
               ("vit_base", 8): "vit_base_patch8_224"}  # (arch, patch) -> timm's model; vit_micro has none
 
 
-def vit_geometry(state, meta, patch_size=None, init="weights"):
+def vit_geometry(state, meta, patch_size=None):
     """(patch size, image size) of a ViT state dict: --patch-size, else the file's metadata, else
-    read off the tensors (the patch embedding's kernel; the positional table's side x the patch)."""
+    read off the tensors (the patch embedding's kernel; the positional table's side x the patch).
+    A state that is no ViT gets the defaults, and load_backbone then names what the file holds."""
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        stored = meta.get("arch") or infer_arch(state) or "not recorded"
-        raise SystemExit(f"--init {init} holds no ViT (the file's architecture: {stored}): "
-                         f"pass the right --arch ({stored})")
+        return patch_size or meta.get("patch_size") or 16, meta.get("img_size") or 224
     patch = patch_size or meta.get("patch_size") or state["patch_embed.proj.weight"].shape[-1]
     side = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
     return patch, meta.get("img_size") or side * patch
@@ -274,7 +273,7 @@ def export(args):
     arch = args.arch or meta.get("arch") or "resnet50"
     vit = arch.startswith("vit")
     if vit:
-        patch, img_size = vit_geometry(backbone, meta, getattr(args, "patch_size", None), args.init)
+        patch, img_size = vit_geometry(backbone, meta, getattr(args, "patch_size", None))
         net = common.ViT(arch, patch, img_size)
     else:
         net = common.ResNetTrunk(arch)

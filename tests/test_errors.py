@@ -89,7 +89,7 @@ def test_resnet_weights_with_a_vit_arch_are_one_line(tmp_path):
     for extra in (["--task", "probe"], ["--task", "knn"], ["--export", "timm", tmp_path / "t.pth"]):
         out = tmp_path / "ev"
         stops(eval_dense.main, ["--init", tmp_path / "r18.pth", "--arch", "vit_small", *small, *extra,
-                                "--output-dir", out], out, "holds no ViT (the file's architecture: resnet18)")
+                                "--output-dir", out], out, "does not fit a vit_small (the file's architecture: resnet18")
     assert not (tmp_path / "t.pth").exists()
 
 
