@@ -243,7 +243,7 @@ def default_output_dir(args):
     config = {k: v for k, v in sorted(vars(args).items()) if k not in common.NEUTRAL_ARGS}
     digest = hashlib.sha1(json.dumps(config, default=str).encode()).hexdigest()[:8]
     head = (f"-{args.head}" if args.task == "finetune" else "") + ("-decoder" if args.init_decoder else "")
-    data = Path(args.data).resolve().name or "data"  # a preset's name, or the last folder of a --data path
+    data = Path(os.path.abspath(args.data)).name or "data"  # a preset, or the last folder of a --data path (no symlink followed)
     return f"runs/eval/{init}-{args.task}{head}-{data}-{digest}"
 
 
