@@ -52,6 +52,7 @@ which torchvision refuses to dilate).
 """
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -164,7 +165,10 @@ def get_args(argv=None):
     p.add_argument("--rois-per-image", type=int, default=512, help="detection: sampled RoIs per training image (512)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="(protocol: SGD, momentum 0.9)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--amp", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32: every official protocol's precision (mmsegmentation, detectron2, MoCo's and DINO's "
+                        "evaluations), on every device; bf16 / fp16: autocast for the networks, faster on a GPU, the "
+                        "losses, box coordinates, NMS and metrics kept in fp32 (docs/downstream.md: its effect)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--save-every", type=int, default=500)
@@ -298,6 +302,11 @@ class FCNHead(nn.Module):
                                      for i in range(num_convs)])
         self.fuse = conv_bn_relu(cin + channels, channels) if concat else None
         self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+        for m in self.modules():  # mmcv's: ConvModule kaiming_init (normal, fan_out, relu); conv_seg N(0, 0.01)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.classifier[1].weight, 0, 0.01)
+        nn.init.zeros_(self.classifier[1].bias)
 
     def forward(self, x):
         y = self.convs(x)
@@ -452,26 +461,33 @@ def slide_logits(model, x, crop, stride, dtype, device, align_corners=False):
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes, names, args, dtype, device, pictures_path=None):
-    """Confusion matrix over the validation set (summed over ranks) -> metrics; draws the pictures."""
+    """Confusion matrix over the validation set (summed over ranks) -> metrics; draws the pictures.
+    Every image is scored at its own size, unpadded, as mmsegmentation tests (one image per GPU, no
+    Pad in the protocols' test pipelines): its logits resized to the input, then to the label, both
+    with --align-corners. Images of one size share a forward (BatchNorm in eval mode: the numbers of
+    one image at a time), so the score does not depend on the batch."""
     model.eval()
     align = args.align_corners == "on"
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     rows = []
-    for x, y, sizes in common.progress(loader, 0, 1):
-        x, y = x.to(device), y.to(device)
-        if args.slide is None:  # the padded batch at once
-            with common.autocast(device, dtype):
-                logits, _, feat = model(x)
-            logits = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=align)
-        for i, ((h, w), (lh, lw)) in enumerate(sizes):  # each image's own area, at its label's size
-            if args.slide is not None:  # each image alone, unpadded, as mmsegmentation's slide mode
-                logits_i, feat_i = slide_logits(model, x[i:i + 1, :, :h, :w], *args.slide, dtype, device, align)
-            else:
-                logits_i, feat_i = logits[i:i + 1, :, :h, :w], feat[i:i + 1]
-            pred = F.interpolate(logits_i, size=(lh, lw), mode="bilinear", align_corners=align).argmax(1)[0]
-            conf += confusion(pred, y[i, :lh, :lw], num_classes)
-            if pictures_path and len(rows) < args.pictures:
-                rows.append((x[i, :, :h, :w].cpu(), y[i, :lh, :lw].cpu(), pred.cpu(), feat_i[0].cpu()))
+    for batch in common.progress(loader, 0, 1):  # [(image (3, h, w), label (H, W))]
+        for _, run in itertools.groupby(batch, key=lambda pair: pair[0].shape):
+            run = list(run)
+            x = torch.stack([img for img, _ in run]).to(device)  # (b, 3, h, w), one size
+            if args.slide is None:
+                with common.autocast(device, dtype):
+                    logits, _, feat = model(x)
+                logits = F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=align)
+            for i, (_, y) in enumerate(run):
+                if args.slide is not None:  # mmsegmentation's slide mode, each image alone
+                    logits_i, feat_i = slide_logits(model, x[i:i + 1], *args.slide, dtype, device, align)
+                else:
+                    logits_i, feat_i = logits[i:i + 1], feat[i:i + 1]
+                y = y.to(device)
+                pred = F.interpolate(logits_i, size=y.shape, mode="bilinear", align_corners=align).argmax(1)[0]  # (H, W)
+                conf += confusion(pred, y, num_classes)
+                if pictures_path and len(rows) < args.pictures:
+                    rows.append((x[i].cpu(), y.cpu(), pred.cpu(), feat_i[0].float().cpu()))
     if common.world_size() > 1:
         dist.all_reduce(conf)
     if pictures_path and common.is_main() and rows:
@@ -542,15 +558,25 @@ def lr_at(step, args):
     return (args.lr - args.min_lr) * (1 - step / args.iters) ** 0.9 + args.min_lr
 
 
+def seg_loss(logits, y, args):
+    """Cross-entropy of logits resized to the labels. Fine-tuning takes mmsegmentation's
+    CrossEntropyLoss: the mean over every pixel, ignored ones counting zero (avg_non_ignore off), so
+    padding and ignored pixels lower the loss and its gradient as in the protocols; the probe (this
+    project's protocol) takes the mean over the labelled pixels."""
+    logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=args.align_corners == "on")
+    if args.task == "probe":
+        return F.cross_entropy(logits, y, ignore_index=seg_data.IGNORE)
+    return F.cross_entropy(logits, y, ignore_index=seg_data.IGNORE, reduction="none").mean()
+
+
 def train_step(x, y, model, optimizer, scaler, args, dtype, device):
     """One segmentation iteration; returns the loss tensor (no host sync)."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     with common.autocast(device, dtype):
         logits, aux, _ = model(x)
-        up = lambda t: F.interpolate(t.float(), size=y.shape[-2:], mode="bilinear", align_corners=args.align_corners == "on")
-        loss = F.cross_entropy(up(logits), y, ignore_index=seg_data.IGNORE)
+        loss = seg_loss(logits, y, args)
         if aux is not None:
-            loss = loss + args.aux_weight * F.cross_entropy(up(aux), y, ignore_index=seg_data.IGNORE)
+            loss = loss + args.aux_weight * seg_loss(aux, y, args)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -688,7 +714,7 @@ def finish(model, val_loader, num_classes, names, meta, arch, args, dtype, devic
             print(f"| {n} | {'-' if v is None else f'{v:.1f}'} |")
         fmt = lambda v: "-" if v is None else f"{v:.2f}"
         print(f"\nmIoU {fmt(results['mIoU'])}  pixel accuracy {fmt(results['pixel_accuracy'])}  "
-              f"({args.init}, {args.task}) -> {out / 'metrics.json'}, {out / 'predictions.png'}")
+              f"({args.init}, {args.task}) -> {out / 'metrics.json'}" + (f", {out / 'predictions.png'}" if args.pictures else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

@@ -17,9 +17,12 @@ Data: --data imagenet (<data-root>/imagenet/{train,val}/<class>/*, the torchvisi
 layout), a folder with train/ and val/ in that layout, or the synthetic scenes, whose image-level
 label is the class of the scene's largest visible object (8 classes).
 
+Both validate after every epoch and report the best top-1 (MoCo's best_acc1, DINO's "max
+accuracy"), as metrics.json's top1 (with its epoch, best_epoch); top1_last is the last epoch's, the
+number that involves no selection on the validation set.
+
 Deviations: the lr follows the linear scaling rule at other batch sizes (MoCo fixes 30 for its 256);
-DINO reports the best top-1 over its per-epoch validations, this reports the last epoch's (choosing
-the best epoch on the validation set is a selection on it); DINO's features interleave the [CLS] and
+DINO's features interleave the [CLS] and
 mean patch token element-wise for ViT-B, this concatenates them (the same numbers in another order).
 """
 import json
@@ -93,10 +96,11 @@ class ImageFolderFiles(Dataset):
     An unreadable image is skipped with one warning: training reads the next one; evaluation gives
     None, which collate_skip leaves out (and out of the accuracy)."""
 
-    def __init__(self, root, transform, train):
+    def __init__(self, root, transform, train, classes=None):
         root = Path(root)
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-        self.samples = [(f, c) for c, name in enumerate(self.classes) for f in common.find_images(root / name)]
+        self.classes = classes or class_folders(root)  # validation takes the training split's numbering
+        self.samples = [(f, c) for c, name in enumerate(self.classes) if (root / name).is_dir()
+                        for f in common.find_images(root / name)]
         if not self.samples:
             raise SystemExit(f"--data: no images in {root}/<class>/* (the ImageFolder layout: one folder per class, "
                              f"train/ and val/ below the --data folder)")
@@ -115,6 +119,11 @@ class ImageFolderFiles(Dataset):
                 if not self.train:
                     return None, label
         raise SystemExit("no readable image in the dataset")
+
+
+def class_folders(root):
+    """The class names of an ImageFolder-layout folder: its sub-folders, sorted."""
+    return sorted(d.name for d in Path(root).iterdir() if d.is_dir()) if Path(root).is_dir() else []
 
 
 def collate_skip(batch):
@@ -143,7 +152,13 @@ def dataset(args, split, train_transform):
         ds = SyntheticImages(n, args.synthetic_size, args.seed, split, transform, args.synthetic_style)
     else:
         root = Path(args.data_root) / "imagenet" if args.data == "imagenet" else Path(args.data)
-        ds = ImageFolderFiles(root / split, transform, train=train_transform)
+        classes = class_folders(root / "train")  # one numbering for both splits: train/'s
+        unknown = sorted(set(class_folders(root / split)) - set(classes))
+        if unknown:
+            raise SystemExit(f"--data {root}: {split}/ has class folders that train/ lacks ({', '.join(unknown[:10])}"
+                             f"{' ...' if len(unknown) > 10 else ''}): no classifier can predict them. Remove them from "
+                             f"{split}/ or add their training images to train/")
+        ds = ImageFolderFiles(root / split, transform, train=train_transform, classes=classes or None)
     return ds, ds.classes
 
 
@@ -237,8 +252,11 @@ def run_knn(args, net, out, device, dtype):
     train_f, train_y = extract(net, train_ds, args, device, dtype)
     val_f, val_y = extract(net, val_ds, args, device, dtype)
     train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
-    top1, top5 = knn_classify(train_f, train_y, val_f, val_y, args.k, args.knn_temperature, len(classes))
-    return dict(top1=top1, top5=top5, k=args.k, temperature=args.knn_temperature, train_images=len(train_f),
+    k = min(args.k, len(train_f))
+    if k < args.k:
+        common.print0(f"--k {args.k} is more than the {len(train_f)} training images: k-NN votes with k = {k}")
+    top1, top5 = knn_classify(train_f, train_y, val_f, val_y, k, args.knn_temperature, len(classes))
+    return dict(top1=top1, top5=top5, k=k, k_asked=args.k, temperature=args.knn_temperature, train_images=len(train_f),
                 val_images=len(val_f))
 
 
@@ -290,7 +308,8 @@ def run_linear(args, net, out, device, dtype, log):
     optimizer = torch.optim.SGD(classifier.parameters(), lr=args.lr, momentum=0.9, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ckpt_path = out / "checkpoint.pth"
-    step, _ = common.resume(ckpt_path, {"classifier": classifier}, optimizer, scaler, device, args, log)
+    step, ckpt = common.resume(ckpt_path, {"classifier": classifier}, optimizer, scaler, device, args, log)
+    history = ckpt["val_accuracy"].tolist() if ckpt is not None and "val_accuracy" in ckpt else []  # [top-1, top-5] per epoch
     common.print0(f"linear ({args.linear_protocol}'s protocol) | {dim}-d features -> {len(classes)} classes | "
                   f"{len(train_ds)} train / {len(val_ds)} val images | {args.epochs} epochs x {steps_per_epoch} steps, "
                   f"batch {args.batch_size}, lr {args.lr:g}, " + (f"x0.1 at epochs {[round(m * args.epochs) for m in args.milestones]}"
@@ -298,7 +317,7 @@ def run_linear(args, net, out, device, dtype, log):
     model = nn.parallel.DistributedDataParallel(classifier) if world > 1 else classifier
     running, tick, tick_step = torch.zeros((), device=device), time.time(), step
     save = lambda: common.save_checkpoint(ckpt_path, {"classifier": classifier}, optimizer, scaler, step, args,
-                                          losses=running)
+                                          losses=running, extra={"val_accuracy": torch.tensor(history).view(-1, 2)})
     common.catch_stop_signals()
     for epoch in range(step // steps_per_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
@@ -332,9 +351,14 @@ def run_linear(args, net, out, device, dtype, log):
             if stop:
                 common.exit_on_signal(stop, step, ckpt_path)
         loader.sampler.skip = 0
+        if len(history) == epoch:  # validated every epoch, as main_lincls.py and eval_linear.py (val_freq 1)
+            history.append(list(accuracy(net, classifier, val_ds, args, device, dtype)))
+            log.write(step=step, epoch=epoch, val_top1=history[-1][0], val_top5=history[-1][1])
+            common.print0(f"epoch {epoch}: val top-1 {history[-1][0]:.2f} (best {max(h[0] for h in history):.2f})")
         save()
-    top1, top5 = accuracy(net, classifier, val_ds, args, device, dtype)
-    return dict(top1=top1, top5=top5, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    best = max(range(len(history)), key=lambda e: history[e][0])  # the first epoch of the best top-1
+    return dict(top1=history[best][0], top5=history[best][1], best_epoch=best, top1_last=history[-1][0],
+                top5_last=history[-1][1], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 protocol=args.linear_protocol, feature_dim=dim)
 
 
@@ -353,7 +377,9 @@ def run(args, backbone_state, meta, arch):
     results.update(task=args.task, init=args.init, method=meta.get("method"), arch=arch, data=args.data)
     if common.is_main():
         (out / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False))
-        print(f"\n{args.task}: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  ({args.init}) -> {out / 'metrics.json'}")
+        last = f" (best epoch {results['best_epoch']}; last epoch {results['top1_last']:.2f})" if args.task == "linear" else ""
+        print(f"\n{args.task}: top-1 {results['top1']:.2f}{last}  top-5 {results['top5']:.2f}  ({args.init}) -> "
+              f"{out / 'metrics.json'}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

@@ -232,7 +232,7 @@ def build_data(args, device):
     train_loader = common.make_loader(train, args.batch_per_rank, args.workers, args.seed, device, collate)
     rank = dist.get_rank() if dist.is_initialized() else 0
     val_sampler = list(range(rank, len(val), common.world_size())) if common.world_size() > 1 else None
-    val_loader = DataLoader(val, batch_size=max(1, args.batch_per_rank // 2), sampler=val_sampler,
+    val_loader = DataLoader(val, batch_size=1, sampler=val_sampler,  # detectron2 tests one image per GPU
                             num_workers=args.workers, collate_fn=collate)
     return train_loader, val_loader, len(names) + 1, names
 
@@ -243,7 +243,7 @@ def build_data(args, device):
 def build_model(args, arch, num_classes, backbone_state, meta):
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
     trunk = common.ResNetTrunk(arch)
@@ -252,18 +252,57 @@ def build_model(args, arch, num_classes, backbone_state, meta):
     body = BackboneWithFPN(trunk, {f"layer{i}": str(i - 1) for i in range(1, 5)}, trunk.channels, 256,
                            extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
     box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)  # 4conv1fc
-    kw = dict(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes), min_size=args.train_sizes,
+    for fc in (m for m in box_head.modules() if isinstance(m, nn.Linear)):  # detectron2's c2_xavier_fill
+        nn.init.kaiming_uniform_(fc.weight, a=1), nn.init.zeros_(fc.bias)
+    kw = dict(box_head=box_head, box_predictor=box_predictor(1024, num_classes), min_size=args.train_sizes,
               max_size=args.max_size, image_mean=common.IMAGENET_MEAN, image_std=common.IMAGENET_STD,
+              box_roi_pool=MultiScaleRoIAlignV2(["0", "1", "2", "3"], 7),
               rpn_post_nms_top_n_train=args.proposals, rpn_post_nms_top_n_test=args.proposals,
               box_batch_size_per_image=args.rois_per_image)
     if args.task == "instance":
+        mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
+        nn.init.normal_(mask_predictor.mask_fcn_logits.weight, std=0.001)  # detectron2's mask predictor
+        nn.init.zeros_(mask_predictor.mask_fcn_logits.bias)
         model = MaskRCNN(body, mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d),
-                         mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **kw)
+                         mask_roi_pool=MultiScaleRoIAlignV2(["0", "1", "2", "3"], 14), mask_predictor=mask_predictor, **kw)
     else:
         model = FasterRCNN(body, **kw)
     if args.init_decoder:
         load_decoder(model, meta)
     return model
+
+
+def box_predictor(channels, num_classes):
+    """torchvision's FastRCNNPredictor with detectron2's init: classifier N(0, 0.01), class-specific
+    box regression N(0, 0.001), biases 0."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    predictor = FastRCNNPredictor(channels, num_classes)
+    nn.init.normal_(predictor.cls_score.weight, std=0.01)
+    nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
+    nn.init.zeros_(predictor.cls_score.bias), nn.init.zeros_(predictor.bbox_pred.bias)
+    return predictor
+
+
+class MultiScaleRoIAlignV2(MultiScaleRoIAlign):
+    """detectron2's ROIPooler with ROIAlignV2 over P2-P5 (Base-RCNN-FPN: POOLER_TYPE ROIAlignV2,
+    sampling ratio 0): a box of side sqrt(area) goes to level floor(4 + log2(side / 224 + 1e-8))
+    clamped to P2-P5, pooled with aligned=True (half-pixel offsets) and adaptive sampling, where
+    torchvision's MultiScaleRoIAlign pools with aligned=False and 2 samples per bin."""
+
+    def __init__(self, featmap_names, size):
+        super().__init__(featmap_names, size, sampling_ratio=0)
+
+    def forward(self, features, proposals, image_shapes):  # {"0".."3": (B, C, H/4..H/32, ...)} -> (R, C, s, s)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(proposals)])  # (R, 5)
+        side = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()  # (R,)
+        level = (torch.floor(4 + torch.log2(side / 224 + 1e-8)).clamp(2, 5) - 2).long()  # (R,) P2 -> 0
+        maps = [features[n] for n in self.featmap_names]
+        out = maps[0].new_zeros(len(rois), maps[0].shape[1], *self.output_size)
+        for i, fmap in enumerate(maps):
+            idx = (level == i).nonzero().squeeze(1)
+            out[idx] = roi_align(fmap, rois[idx], self.output_size, 1 / 2 ** (i + 2), sampling_ratio=0,
+                                 aligned=True).to(out.dtype)
+        return out
 
 
 class RoIAlignV2(MultiScaleRoIAlign):
@@ -301,7 +340,6 @@ def build_c4(args, arch, num_classes, backbone_state, meta):
     per image, a quarter positive. Every BatchNorm trains (FREEZE_AT 0; SyncBN under torchrun)."""
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.models.detection.rpn import RPNHead
     trunk = common.ResNetTrunk(arch)
     if backbone_state is not None:
@@ -309,18 +347,50 @@ def build_c4(args, arch, num_classes, backbone_state, meta):
     body = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3)
     body.out_channels = trunk.channels[2]  # res4: 1024 for ResNet-50
     anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
-    predictor = FastRCNNPredictor(trunk.channels[3], num_classes)
-    nn.init.normal_(predictor.cls_score.weight, std=0.01)
-    nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
-    nn.init.zeros_(predictor.cls_score.bias), nn.init.zeros_(predictor.bbox_pred.bias)
     return FasterRCNN(body, num_classes=None, rpn_anchor_generator=anchors, rpn_head=RPNHead(body.out_channels, 15),
                       box_roi_pool=RoIAlignV2(14, 1 / 16), box_head=Res5Head(trunk.layer4, trunk.channels[3]),
-                      box_predictor=predictor, min_size=args.train_sizes, max_size=args.max_size,
+                      box_predictor=box_predictor(trunk.channels[3], num_classes), min_size=args.train_sizes,
+                      max_size=args.max_size, size_divisible=1,  # C4 has no size divisibility (detectron2: 0)
                       image_mean=common.IMAGENET_MEAN, image_std=common.IMAGENET_STD,
                       rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000,
                       rpn_post_nms_top_n_train=args.proposals, rpn_post_nms_top_n_test=min(args.proposals, 1000),
                       box_batch_size_per_image=args.rois_per_image, box_score_thresh=0.05, box_nms_thresh=0.5,
                       box_detections_per_img=100)
+
+
+def autocast_networks(model, device, dtype):
+    """--amp bf16 / fp16: autocast where the networks compute (backbone and FPN, the RPN's conv head,
+    the box and mask heads and predictors), their outputs back in fp32. Every box operation (anchor
+    decoding, proposal NMS, RoI sampling and regression targets, RoI pooling, the losses, per-class
+    NMS and post-processing) then runs in fp32, as in detectron2, which trains these protocols in
+    fp32. (One autocast over the whole R-CNN runs torchvision's box code in bf16: NMS's per-class
+    offset, label x (max + 1), then rounds boxes to a 64-128 px grid for VOC's later classes.)"""
+    if dtype is None:
+        return model
+    heads = model.roi_heads
+    for net in (model.backbone, model.rpn.head, heads.box_head, heads.box_predictor,
+                getattr(heads, "mask_head", None), getattr(heads, "mask_predictor", None)):
+        if net is not None:
+            net.forward = in_autocast(net.forward, device, dtype)
+    return model
+
+
+def in_autocast(forward, device, dtype):
+    """forward run under autocast, its floating-point outputs (tensors, or lists, tuples and dicts of
+    them) returned in fp32."""
+    def to_fp32(out):
+        if torch.is_tensor(out):
+            return out.float() if out.is_floating_point() else out
+        if isinstance(out, dict):
+            return type(out)((k, to_fp32(v)) for k, v in out.items())
+        if isinstance(out, (list, tuple)):
+            return type(out)(to_fp32(v) for v in out)
+        return out
+
+    def run(*args, **kwargs):
+        with common.autocast(device, dtype):
+            return to_fp32(forward(*args, **kwargs))
+    return run
 
 
 def load_decoder(model, meta):
@@ -350,7 +420,7 @@ def load_decoder(model, meta):
 # Evaluation: COCO AP, pictures
 # =================================================================================================
 @torch.no_grad()
-def evaluate(model, loader, gt, names, args, dtype, device, out):
+def evaluate(model, loader, gt, names, args, device, out):
     """COCO AP / AP50 / AP75 for boxes (and masks) over the validation set, gathered to rank 0."""
     from pycocotools import mask as mask_util
     from pycocotools.cocoeval import COCOeval
@@ -364,8 +434,7 @@ def evaluate(model, loader, gt, names, args, dtype, device, out):
             continue
         images, targets = zip(*kept)
         evaluated += [int(t["image_id"]) for t in targets]
-        with common.autocast(device, dtype):
-            outputs = model([x.to(device) for x in images])
+        outputs = model([x.to(device) for x in images])
         for x, t, o in zip(images, targets, outputs):
             o = {k: v.float().cpu() for k, v in o.items()}
             for j in range(len(o["boxes"])):
@@ -386,6 +455,11 @@ def evaluate(model, loader, gt, names, args, dtype, device, out):
     if not common.is_main():
         return None
     metrics = {}
+    if not gt.getAnnIds(imgIds=sorted(set(evaluated)), iscrowd=False):  # COCO's -1: no AP is defined, not AP 0
+        print(f"no ground-truth object in the {len(set(evaluated))} validation images (an annotation file without "
+              f"annotations?): AP is not defined, recorded as null")
+        return {f"{name}_{m}": None for name in (("box", "mask") if args.task == "instance" else ("box",))
+                for m in ("AP", "AP50", "AP75")}
     for kind in ("bbox", "segm") if args.task == "instance" else ("bbox",):
         name = "box" if kind == "bbox" else "mask"
         if not results:  # nothing detected: AP 0 (pycocotools refuses an empty result list)
@@ -394,21 +468,20 @@ def evaluate(model, loader, gt, names, args, dtype, device, out):
         ev = COCOeval(gt, gt.loadRes(results), kind)
         ev.params.imgIds = sorted(set(evaluated))
         ev.evaluate(), ev.accumulate(), ev.summarize()
-        ap = [max(float(v), 0.0) * 100 for v in ev.stats[:3]]  # -1 (no ground truth) reads as 0
-        metrics.update({f"{name}_AP": ap[0], f"{name}_AP50": ap[1], f"{name}_AP75": ap[2]})
+        metrics.update({f"{name}_AP": float(ev.stats[0]) * 100, f"{name}_AP50": float(ev.stats[1]) * 100,
+                        f"{name}_AP75": float(ev.stats[2]) * 100})
     if pictures:
         save_pictures(pictures, names, out / "predictions.png")
     return metrics
 
 
 @torch.no_grad()
-def evaluate_voc(model, loader, names, args, dtype, device, out):
+def evaluate_voc(model, loader, names, args, device, out):
     """VOC's AP, AP50, AP75 (evaluation/voc.py) over the test set, the predictions gathered to rank 0."""
     model.eval()
     predictions, pictures = {}, []
     for images, targets in common.progress(loader, 0, 1):
-        with common.autocast(device, dtype):
-            outputs = model([x.to(device) for x in images])
+        outputs = model([x.to(device) for x in images])
         for x, t, o in zip(images, targets, outputs):
             o = {k: v.float().cpu() for k, v in o.items()}
             predictions[int(t["image_id"])] = (o["boxes"].numpy(), o["scores"].numpy(), o["labels"].numpy())
@@ -454,8 +527,9 @@ def save_pictures(pictures, names, path, threshold=0.5):
 # Train and run
 # =================================================================================================
 def lr_at(step, args):
-    """Linear warm-up from lr/1000 (detectron2's WarmupMultiStepLR), then x0.1 at each of args.steps."""
-    warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    """Linear warm-up from lr/1000 at iteration 0 to lr at --warmup (detectron2's WarmupMultiStepLR:
+    factor 0.001 (1 - a) + a, a = iteration / warm-up), then x0.1 at each of args.steps."""
+    warm = min(1.0, step / args.warmup) if args.warmup else 1.0
     return args.lr * (0.001 + 0.999 * warm) * 0.1 ** sum(step >= s for s in args.steps)
 
 
@@ -475,6 +549,7 @@ def run(args):
     build = build_c4 if args.detector == "c4" else build_model
     model = build(args, arch, num_classes, backbone_state, meta).to(device)
     model = common.sync_batchnorm(model, True)  # SyncBN in backbone, FPN and heads under torchrun on CUDA
+    model = autocast_networks(model, device, dtype)  # --amp bf16 / fp16: the networks only, boxes in fp32
     common.print0(f"eval_dense | {args.task} ({args.detector.upper()}) | init {args.init} ({meta.get('method')}, {arch}) | {args.data}: "
                   f"{num_classes - 1} classes, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val | "
                   f"{args.iters} iters, batch {args.batch_size}, lr {args.lr:g}, steps {list(args.steps)} | device {device}")
@@ -503,9 +578,8 @@ def run(args):
                 g["lr"] = lr_at(step, args)
             images = [x.to(device, non_blocking=True) for x in images]
             targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with common.autocast(device, dtype):
-                losses = net(images, targets)  # rpn objectness / box, roi classifier / box (/ mask)
-            loss = sum(v.float() for v in losses.values())
+            losses = net(images, targets)  # rpn objectness / box, roi classifier / box (/ mask), in fp32
+            loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -531,18 +605,18 @@ def run(args):
     save()
     model.transform.min_size = (args.test_size,)  # single-scale testing
     if args.data == "voc":
-        metrics = evaluate_voc(model, val_loader, names, args, dtype, device, out)
+        metrics = evaluate_voc(model, val_loader, names, args, device, out)
     else:
         gt = coco_ground_truth(val_loader.dataset, names) if common.is_main() else None
-        metrics = evaluate(model, val_loader, gt, names, args, dtype, device, out)
+        metrics = evaluate(model, val_loader, gt, names, args, device, out)
     if common.is_main():
         metrics.update(task=args.task, init=args.init, method=meta.get("method"), arch=arch, data=args.data,
                        iters=args.iters, init_decoder=args.init_decoder)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
         print("\n| metric | value |\n|---|---|")
         for k in [k for k in metrics if "AP" in k]:
-            print(f"| {k} | {metrics[k]:.2f} |")
-        print(f"\n-> {out / 'metrics.json'}, {out / 'predictions.png'}")
+            print(f"| {k} | {'-' if metrics[k] is None else f'{metrics[k]:.2f}'} |")
+        print(f"\n-> {out / 'metrics.json'}" + (f", {out / 'predictions.png'}" if args.pictures else ""))
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics

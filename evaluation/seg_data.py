@@ -1,6 +1,6 @@
 """Segmentation data for eval_dense.py: the VOC, Cityscapes, ADE20K and synthetic layouts, the
 protocols' training augmentation (random scale, class-balanced crop, flip, photometric distortion)
-and test-time resize, and the padded validation batches. eval_dense.py's docstring and docs/downstream.md
+and test-time resize, and the validation batches (lists: no padding). eval_dense.py's docstring and docs/downstream.md
 say which protocol each dataset follows and where this deviates from it."""
 from pathlib import Path
 
@@ -92,33 +92,68 @@ def ade20k_lut():
     return np.clip(lut, 0, 255).astype(np.uint8)
 
 
+def voc_pairs(root, split):
+    """VOC2012 segmentation (image, label) pairs as mmsegmentation's voc12aug config reads them: val
+    is val.txt with the official labels (SegmentationClass); train is train.txt with the official
+    labels plus the SBD images of an augmented list with theirs (SegmentationClassAug). The augmented
+    list is mmsegmentation's aug.txt (SBD minus VOC train and val) or trainaug.txt (train plus SBD,
+    minus val), or DeepLab's train_aug.txt (lines "/JPEGImages/x.jpg /SegmentationClassAug/x.png");
+    without one, train.txt alone. An image of train.txt keeps its official label in every case."""
+    base = Path(root) / "VOCdevkit" / "VOC2012"
+    lists, official, aug_labels = base / "ImageSets" / "Segmentation", base / "SegmentationClass", base / "SegmentationClassAug"
+    layout = (f"{base}/JPEGImages/*.jpg, {official}/*.png and {lists}/{{train,val}}.txt; for VOC-aug also "
+              f"{aug_labels}/*.png with {lists}/aug.txt (mmsegmentation's voc_aug.py) or train_aug.txt (DeepLab's)")
+    ids_of = lambda name: [line.split()[0] for line in (lists / name).read_text().splitlines() if line.strip()]
+    for need in (lists / "train.txt", lists / "val.txt", official):
+        if not need.exists():
+            raise SystemExit(f"--data voc: {need} missing. Expected layout: {layout}")
+    train_ids, val_ids = ids_of("train.txt"), ids_of("val.txt")
+    if split == "val":
+        pairs, source = [(base / "JPEGImages" / f"{i}.jpg", official / f"{i}.png") for i in val_ids], "val.txt"
+    else:
+        pairs, source = [(base / "JPEGImages" / f"{i}.jpg", official / f"{i}.png") for i in train_ids], "train.txt"
+        aug = next((lists / n for n in ("aug.txt", "trainaug.txt", "train_aug.txt") if (lists / n).exists()), None)
+        if aug is not None and aug_labels.is_dir():
+            taken = set(train_ids) | set(val_ids)  # train keeps its official labels; val never trains
+            extra = []
+            for line in aug.read_text().splitlines():
+                words = line.split()
+                if not words:
+                    continue
+                if len(words) == 2:  # DeepLab's: image and label paths, relative to VOC2012
+                    image, label = (base / w.lstrip("/") for w in words)
+                    image_id = image.stem
+                else:
+                    image_id = words[0]
+                    image, label = base / "JPEGImages" / f"{image_id}.jpg", aug_labels / f"{image_id}.png"
+                if image_id not in taken:
+                    taken.add(image_id)
+                    extra.append((image, label))
+            pairs, source = pairs + extra, f"train.txt ({len(train_ids)}, SegmentationClass) + {aug.name} ({len(extra)}, SegmentationClassAug)"
+    missing = [p for pair in pairs for p in pair if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--data voc {split}: {len(missing)} file(s) of {source} missing, e.g. {missing[0]}. Expected "
+                         f"layout: {layout}")
+    common.print0(f"--data voc {split}: {source}, {len(pairs)} images")
+    return pairs
+
+
 def seg_pairs(data, root, split):
     """(image path, label path) pairs, the class count and the label lookup table for a layout."""
     root = Path(root)
     if data == "voc":
-        base = root / "VOCdevkit" / "VOC2012"
-        labels = base / "SegmentationClassAug" if (base / "SegmentationClassAug").is_dir() else base / "SegmentationClass"
-        lists = base / "ImageSets" / "Segmentation"
-        # the 10,582-image VOC-aug list goes by three names: ours, DeepLab's and mmsegmentation's
-        aug = [lists / n for n in ("trainaug.txt", "train_aug.txt", "aug.txt") if (lists / n).exists()]
-        list_file = aug[0] if split == "train" and labels.name.endswith("Aug") and aug else lists / f"{split}.txt"
-        layout = f"{base}/JPEGImages/*.jpg, {base}/SegmentationClass[Aug]/*.png, {lists}/{{train,val,trainaug}}.txt"
-        if not list_file.exists() or not labels.is_dir():
-            raise SystemExit(f"--data voc: {list_file} or {labels} missing. Expected layout: {layout}")
-        ids = list_file.read_text().split()
-        if list_file.name == "aug.txt":  # mmsegmentation's aug.txt holds the extra images only: add train.txt's
-            ids = sorted(set(ids) | set((lists / "train.txt").read_text().split()))
-        common.print0(f"--data voc {split}: {list_file.name}, {len(ids)} images, labels {labels.name}")
-        return [(base / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids], 21, None
+        return voc_pairs(root, split), 21, None
     if data == "cityscapes":
         img_dir = root / "cityscapes" / "leftImg8bit" / split
         if not img_dir.is_dir():
             raise SystemExit(f"--data cityscapes: {img_dir} missing. Expected layout: <data-root>/cityscapes/"
                              f"leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png and gtFine/{{train,val}}/<city>/"
-                             f"*_gtFine_labelIds.png")
+                             f"*_gtFine_labelTrainIds.png (createTrainIdLabelImgs) or *_gtFine_labelIds.png")
         imgs = sorted(img_dir.rglob("*_leftImg8bit.png"))
-        lbl = lambda p: Path(str(p).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
-        return [(p, lbl(p)) for p in imgs], 19, cityscapes_lut()
+        lbl = lambda p, kind: Path(str(p).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", f"_gtFine_{kind}.png"))
+        if imgs and all(lbl(p, "labelTrainIds").is_file() for p in imgs):  # createTrainIdLabelImgs' (mmsegmentation's)
+            return [(p, lbl(p, "labelTrainIds")) for p in imgs], 19, None
+        return [(p, lbl(p, "labelIds")) for p in imgs], 19, cityscapes_lut()  # the download's: ids -> train ids
     if data == "ade20k":
         sub = "training" if split == "train" else "validation"
         base = root / "ADEChallengeData2016"
@@ -236,15 +271,9 @@ class ValTransform:
         return val_transform(img, label, self.norm)
 
 
-def pad_collate(batch):
-    """Pad a batch of differently sized images to a multiple of 32 and their labels to the largest
-    label (with ignore); also returns each (image size, label size), which may differ (--val-resize)."""
-    H = -(-max(x.shape[1] for x, _ in batch) // 32) * 32
-    W = -(-max(x.shape[2] for x, _ in batch) // 32) * 32
-    h, w = max(y.shape[0] for _, y in batch), max(y.shape[1] for _, y in batch)
-    xs = torch.stack([F.pad(x, (0, W - x.shape[2], 0, H - x.shape[1])) for x, _ in batch])
-    ys = torch.stack([F.pad(y, (0, w - y.shape[1], 0, h - y.shape[0]), value=IGNORE) for _, y in batch])
-    return xs, ys, [(tuple(x.shape[1:]), tuple(y.shape)) for x, y in batch]
+def as_list(batch):
+    """Validation batches stay lists of (image, label): every image is scored at its own size."""
+    return batch
 
 
 def build_data(args, device):
@@ -268,5 +297,5 @@ def build_data(args, device):
     # every validation image exactly once over the ranks (DistributedSampler would pad with repeats)
     val_sampler = list(range(rank, len(val), common.world_size())) if common.world_size() > 1 else None
     val_loader = DataLoader(val, batch_size=max(1, args.batch_per_rank // 2), sampler=val_sampler,
-                            num_workers=args.workers, collate_fn=pad_collate)
+                            num_workers=args.workers, collate_fn=as_list)
     return train_loader, val_loader, num_classes, names

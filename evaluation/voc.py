@@ -6,7 +6,9 @@ Data: VOC2007 trainval + VOC2012 trainval for training, VOC2007 test for evaluat
 <data-root>/VOCdevkit/VOC{2007,2012}/{Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/*.txt}.
 The XML annotations are read with the standard library; boxes are made 0-based as detectron2 does
 (xmin - 1, ymin - 1); "difficult" objects are kept in training (detectron2: they do not hurt) and
-ignored in evaluation.
+ignored in evaluation. Checked once before training, for training and evaluation alike, each with a
+warning naming the files: an image without its JPEG or with an unreadable XML is left out, a box
+outside the image is clipped to it, a box without area (xmax < xmin) is left out.
 
 Metric: per class and IoU threshold 0.50, 0.55, ..., 0.95, detectron2's voc_eval: detections of
 the class sorted by score; each is a true positive if its best-overlapping ground truth (IoU in
@@ -16,6 +18,7 @@ with VOC2007's 11-point interpolation (the year of the test set). AP50 and AP75 
 at 0.5 and 0.75, AP the mean over the ten thresholds, in percent: the three numbers of the papers'
 VOC tables.
 """
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -63,9 +66,33 @@ class VocDetection(Dataset):
                 raise SystemExit(f"--data voc: {ids_file} not found; VOC07+12 detection expects "
                                  f"{devkit}/VOC2007 (trainval, test) and {devkit}/VOC2012 (trainval), each with "
                                  f"Annotations/, JPEGImages/ and ImageSets/Main/")
+            problems = {"not readable as VOC XML": [], "without its JPEG": [], "with boxes outside the image (clipped)": [],
+                        "with boxes without area (left out)": []}
             for image_id in ids_file.read_text().split():
-                _, _, objects = parse_xml(base / "Annotations" / f"{image_id}.xml")
-                self.items.append((base / "JPEGImages" / f"{image_id}.jpg", objects))
+                xml, jpg = base / "Annotations" / f"{image_id}.xml", base / "JPEGImages" / f"{image_id}.jpg"
+                if not jpg.is_file():
+                    problems["without its JPEG"].append(jpg)
+                    continue
+                try:
+                    width, height, objects = parse_xml(xml)
+                except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as e:
+                    problems["not readable as VOC XML"].append(f"{xml} ({type(e).__name__}: {e})")
+                    continue
+                clipped = [(c, d, [min(max(b[0], 1), width), min(max(b[1], 1), height), min(max(b[2], 1), width),
+                                   min(max(b[3], 1), height)]) for c, d, b in objects]  # VOC's 1-based pixels
+                if clipped != objects:
+                    problems["with boxes outside the image (clipped)"].append(xml)
+                kept = [(c, d, b) for c, d, b in clipped if b[2] - b[0] + 1 > 0 and b[3] - b[1] + 1 > 0]
+                if len(kept) < len(clipped):
+                    problems["with boxes without area (left out)"].append(xml)
+                self.items.append((jpg, kept))
+            for what, files in problems.items():  # training and evaluation see the same objects
+                if files:
+                    warnings.warn(f"--data voc {year} {split}: {len(files)} image(s) {what}"
+                                  + ("" if "box" in what else ", left out") + ": " + ", ".join(map(str, files[:5]))
+                                  + (" ..." if len(files) > 5 else ""))
+        if not self.items:
+            raise SystemExit(f"--data voc: no usable image in {', '.join(f'VOC{y} {s}' for y, s in sets)}")
         self.train = train
 
     def __len__(self):

@@ -278,6 +278,10 @@ def export(args):
     else:
         net = common.ResNetTrunk(arch)
     load_backbone(net, backbone, arch, meta, args.init)  # all or nothing
+    try:  # --export FORMAT new/folder/out.pth: the folder is made
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--export {fmt} {path}: cannot make its folder ({type(e).__name__}: {e})") from None
     hint = ""
     if fmt == "timm":
         if not vit:

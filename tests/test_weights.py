@@ -241,21 +241,7 @@ def test_vit_fine_tunes_with_a_simple_feature_pyramid(tmp_path):
     assert m["arch"] == "vit_micro" and m["head"] == "fpn" and 0 <= m["mIoU"] <= 100
 
 
-@pytest.mark.parametrize("list_name,expected", [("trainaug.txt", 3), ("train_aug.txt", 3), ("aug.txt", 4)])
-def test_voc_aug_list_names(tmp_path, list_name, expected, capsys):
-    base = tmp_path / "VOCdevkit" / "VOC2012"
-    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (base / "SegmentationClassAug").mkdir()
-    (base / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
-    (base / "ImageSets" / "Segmentation" / list_name).write_text("a\nc\nd\n" if list_name != "aug.txt" else "c\nd\n")
-    pairs, _, _ = seg_data.seg_pairs("voc", tmp_path, "train")
-    assert len(pairs) == (expected if list_name != "aug.txt" else 4)  # aug.txt: the extra images, plus train.txt
-    assert f"{list_name}, {len(pairs)} images" in capsys.readouterr().out
-
-
 def test_val_resize_scores_at_the_label_size():
     img = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
     x, y = seg_data.ValTransform([64, 1024])(img, np.ones((30, 40), np.uint8))
     assert tuple(x.shape) == (3, 64, 85) and tuple(y.shape) == (30, 40)
-    xs, ys, sizes = seg_data.pad_collate([(x, y), seg_data.val_transform(img, np.ones((30, 40), np.uint8))])
-    assert xs.shape[-2:] == (64, 96) and ys.shape[-2:] == (30, 40) and sizes == [((64, 85), (30, 40)), ((30, 40), (30, 40))]
