@@ -38,7 +38,9 @@ must be found. Nothing is downloaded. --export writes detectron2, torchvision or
 Data (--data): synthetic (default), voc, cityscapes, ade20k (segmentation), coco, voc (detection),
 imagenet or any ImageFolder-layout folder (knn, linear); docs/downstream.md has the layouts.
 Metrics in <output-dir>/metrics.json: segmentation mIoU, per-class IoU and pixel accuracy from a
-confusion matrix summed over all ranks; COCO or VOC AP; top-1 and top-5. Segmentation and detection
+confusion matrix summed over all ranks, every image tested at its own size, unpadded, as
+mmsegmentation; COCO or VOC AP; top-1 and top-5. Precision: fp32 by default, as every official
+protocol (--amp bf16 opts into autocast for the networks; losses, boxes and metrics stay fp32). Segmentation and detection
 also draw <output-dir>/predictions.png for the first validation images.
 
 Protocol (--protocol, seg_data.PROTOCOLS): for voc, cityscapes and ade20k every flag left unset takes

@@ -30,11 +30,14 @@ these tasks: `pip install pycocotools`), on COCO val2017 or on the synthetic sce
 VOC, VOC's AP, AP50 and AP75 (11-point, as detectron2's PascalVOCDetectionEvaluator for 2007).
 Pictures: predictions (boxes, masks, class names, score > 0.5) on the first validation images.
 
-Deviations from detectron2's configs: torchvision's R-CNN implementation (its RoIAlign sampling
-for the FPN, anchor matching, smooth-L1 box loss with beta 1/9 where detectron2 uses L1, and loss
-normalisation differ in details); the RPN head has one conv, as detectron2's default; no precise BN
-recomputation before testing (MoCo's C4 config runs 200 iterations of it); SyncBN where MoCo's C4
-config uses naiveSyncBN (DenseCL's: SyncBN).
+As detectron2: ROIAlignV2 poolers (MultiScaleRoIAlignV2, RoIAlignV2), its predictor inits, its
+warm-up (factor 0.001 at iteration 0), one test image per process, C4 never padded; fp32 by default,
+and under --amp bf16 / fp16 autocast on the networks only (autocast_networks: every box operation in
+fp32). Deviations from detectron2's configs (docs/downstream.md gives each one's expected effect):
+torchvision's smooth-L1 box losses with beta 1/9 where detectron2 uses L1, and its loss
+normalisation; tensor resizing where detectron2 resizes with PIL; no precise BN recomputation before
+testing (MoCo's C4 config runs 200 iterations of it); SyncBN where MoCo's C4 config uses naiveSyncBN
+(DenseCL's: SyncBN).
 """
 import json
 import time

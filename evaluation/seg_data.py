@@ -130,6 +130,8 @@ def voc_pairs(root, split):
                     taken.add(image_id)
                     extra.append((image, label))
             pairs, source = pairs + extra, f"train.txt ({len(train_ids)}, SegmentationClass) + {aug.name} ({len(extra)}, SegmentationClassAug)"
+        elif aug is not None:
+            common.print0(f"--data voc: {aug} is there but {aug_labels} is not: training on train.txt alone")
     missing = [p for pair in pairs for p in pair if not p.is_file()]
     if missing:
         raise SystemExit(f"--data voc {split}: {len(missing)} file(s) of {source} missing, e.g. {missing[0]}. Expected "

@@ -59,7 +59,7 @@ def test_coco_ap_reads_100_for_the_ground_truth_and_less_for_shifted_boxes(tmp_p
     args = eval_dense.get_args(["--task", "instance", "--synthetic-size", "64", "--pictures", "2"])
     names = list(common.SYNTHETIC_CLASSES[1:])
     loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=detection.collate)
-    m = detection.evaluate(Oracle(data, shift), loader, detection.coco_ground_truth(data, names), names, args, None,
+    m = detection.evaluate(Oracle(data, shift), loader, detection.coco_ground_truth(data, names), names, args,
                            torch.device("cpu"), tmp_path)
     if expect is not None:
         assert m["box_AP"] == pytest.approx(expect) and m["mask_AP"] == pytest.approx(expect)

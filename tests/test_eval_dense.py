@@ -321,7 +321,8 @@ def test_voc_run_follows_the_protocol(tmp_path):
     _voc_tree(tmp_path)
     out = python("eval_dense.py", "--data", "voc", "--data-root", tmp_path, "--arch", "resnet18", "--task", "finetune",
                  "--head", "fcn", "--iters", "2", "--crop-size", "32", "--batch-size", "2", "--workers", "0",
-                 "--output-dir", tmp_path / "ev")
+                 "--pictures", "0", "--output-dir", tmp_path / "ev")
     assert "cat-max 1.0, photometric off | test: whole image resized to fit 513 x 2049" in out  # SlotCon's VOC config
+    assert "predictions.png" not in out and not (tmp_path / "ev" / "predictions.png").exists()  # --pictures 0: none
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["mIoU"] is not None and json.loads((tmp_path / "ev" / "args.json").read_text())["val_resize"] == [513, 2049]
