@@ -20,12 +20,13 @@ Contents (one banner section each, in this order):
                                       BYOL_COLOUR, MoCoV2Views (device)
  8. Loaders                           make_loader, ResumableSampler, SeededSamples
  9. Schedules, LARS, precision        cosine_schedule, momentum_schedule, LARS, lars_param_groups,
-                                      amp_dtype, autocast, fp32, seed_everything
+                                      amp_dtype, precision_name, autocast, fp32, seed_everything
 10. Arguments                         split_batch, add_run_args, check_args, check_image_size
 11. Logging, stop signals, divergence progress, JsonLog, mean_over_ranks, catch_stop_signals,
                                       stop_requested, exit_on_signal, check_finite
 12. Output folder and checkpoints     prepare_output, write_run_record, save_checkpoint, resume,
                                       NEUTRAL_ARGS, load_checkpoint, CheckpointError, save_downstream
+13. The loop's plumbing              Loop: resume, epochs and bars, logging, checks, saving, stop signals
 """
 import functools
 import json
@@ -1040,6 +1041,11 @@ def lars_param_groups(model):
     return [{"params": decay}, {"params": excluded, "lars_exclude": True, "weight_decay": 0.0}]
 
 
+def precision_name(dtype):
+    """The precision a run uses, in words (for the start line)."""
+    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[dtype]
+
+
 def amp_dtype(amp, device):
     """The autocast dtype for --amp (auto: bf16 on CUDA, none on CPU) or None for fp32."""
     if amp == "auto":
@@ -1413,3 +1419,81 @@ def save_downstream(path, method, arch, backbone, decoder=None, decoder_cfg=None
         raise SystemExit(f"not writing {path}: the weights are not finite")
     save_atomic({"format": "dense-ssl-downstream-v1", "method": method, "arch": arch, **state,
                  "decoder_cfg": decoder_cfg, **(extra or {})}, path)
+
+
+# =================================================================================================
+# 13. The loop's plumbing
+# =================================================================================================
+class Loop:
+    """Everything around a training loop that is not the method: resume, the epochs' samplers and
+    progress bars, --max-steps, logging, divergence checks, checkpoints and stop signals. The loop
+    itself stays in the method file, nanoGPT-style:
+
+        loop = common.Loop(out, state, optimizer, scaler, args, log, steps_per_epoch, device)
+        for epoch, batch in loop.batches(loader):   # from the resumed step to the last one
+            lr = lr_schedule[loop.step]
+            losses = train_step(batch, ...)         # the method
+            loop.end_step(losses, lr)               # count; log, check, save, stop when due
+        loop.save()
+
+    `state`: the named modules a checkpoint holds; `extra`: tensors saved beside them, updated in
+    place (centers); `loss_names`: the names logged for the entries of the losses tensor, the last
+    name taking the remaining entries as a list (("loss", "head_losses") for a total and one loss
+    per head). After construction `loop.step` is the resumed step and `loop.checkpoint` the
+    checkpoint read (None on a fresh start)."""
+
+    def __init__(self, out, state, optimizer, scaler, args, log, steps_per_epoch, device, extra=None,
+                 loss_names=("loss",)):
+        self.path, self.state, self.optimizer, self.scaler = Path(out) / "checkpoint.pth", state, optimizer, scaler
+        self.args, self.log, self.steps_per_epoch, self.extra, self.loss_names = args, log, steps_per_epoch, extra, loss_names
+        self.step, self.checkpoint = resume(self.path, state, optimizer, scaler, device, args, log)
+        total = args.epochs * steps_per_epoch
+        self.last_step = min(total, args.max_steps) if getattr(args, "max_steps", None) is not None else total
+        self.running, self.tick, self.tick_step, self.epoch, self.bar = None, time.time(), self.step, 0, None
+        catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, exit
+
+    def batches(self, loader):
+        """(epoch, batch) from the resumed step to the last: each epoch's sampler reseeded
+        (set_epoch), a resumed epoch skipping the batches it did, a progress bar per epoch, a
+        checkpoint at the end of every epoch and at the last step."""
+        for self.epoch in range(self.step // self.steps_per_epoch, self.args.epochs):
+            if self.step >= self.last_step:
+                break
+            loader.sampler.set_epoch(self.epoch)
+            loader.sampler.skip = (self.step - self.epoch * self.steps_per_epoch) * self.args.batch_per_rank
+            self.bar = progress(loader, self.epoch, self.args.epochs)
+            for batch in self.bar:
+                if self.step >= self.last_step:
+                    break
+                yield self.epoch, batch
+            loader.sampler.skip = 0
+            self.save()
+
+    def end_step(self, losses, lr):
+        """After an optimizer step: count it, add its losses (a tensor: no host sync); at log points
+        stop on a non-finite loss or weight and log the mean since the last one; save every
+        --save-every steps; on SIGINT / SIGTERM save and exit."""
+        losses = losses.detach().float().reshape(-1)
+        self.running = losses.clone() if self.running is None else self.running + losses
+        self.step += 1
+        stop = stop_requested()  # the same on every rank
+        if self.step % self.args.log_every == 0 or self.step == self.last_step or stop:
+            check_finite(self.running, self.state, self.step, self.path, (self.extra or {}).values())
+            means = (mean_over_ranks(self.running) / (self.step - self.tick_step)).tolist()
+            named = dict(zip(self.loss_names, means))
+            if len(means) > len(self.loss_names):  # the last name takes the rest as a list
+                named[self.loss_names[-1]] = means[len(self.loss_names) - 1:]
+            speed = (self.step - self.tick_step) * self.args.batch_size / (time.time() - self.tick)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{means[0]:.3f}", lr=f"{lr:.4g}", img_s=f"{speed:.1f}" if speed < 10 else f"{speed:.0f}")
+            self.log.write(step=self.step, epoch=self.epoch, **named, lr=lr, images_per_s=speed)
+            self.running, self.tick, self.tick_step = None, time.time(), self.step
+        if self.step % self.args.save_every == 0 or stop:
+            self.save()
+        if stop:
+            exit_on_signal(stop, self.step, self.path)
+
+    def save(self):
+        """Save a checkpoint of the current step (after checking that nothing diverged)."""
+        save_checkpoint(self.path, self.state, self.optimizer, self.scaler, self.step, self.args, self.extra,
+                        losses=self.running)

@@ -16,20 +16,21 @@ similarities, one gather for all matches.
   too alike), and 49 keys per image would flush the queue 49 times faster.
 - Shuffle BN (as MoCo): BatchNorm statistics are computed over a batch, so a key's features carry
   a trace of its batch-mates, and a query could find its positive by that trace. The key images are
-  shuffled across processes before the key encoder and put back after, so a key never shares its
-  BatchNorm batch with its query.
+  shuffled across processes before the key encoder and put back after, so a key rarely shares its
+  BatchNorm batch with its query (with 8 GPUs, 1 time in 8: the shuffle is a random permutation).
 
 Shapes per GPU in the paper's run (8 GPUs x 32 images, 224 px, ResNet-50):
 
-    im_q, im_k       (32, 3, 224, 224)    the two views
-    q_feat, k_feat   (32, 2048, 49)       C5 (32, 2048, 7, 7) flattened: S² = 49 locations
-    q, k             (32, 128)            global embeddings, MoCo v2's MLP head
-    q_grid, k_grid   (32, 128, 49)        dense embeddings (1x1-conv head)
-    similarity       (32, 49, 49)         cosine of every query location with every key location
-    match            (32, 49)             the key location matched to each query location
-    q_flat, k_flat   (1568, 128)          B·S² dense queries and their matched keys
-    queue, queue2    (128, 65536) each    global keys / pooled dense keys of earlier images
-    dense logits     (1568, 1 + 65536)    never stored: QueueInfoNCE streams the queue
+    im_q, im_k                   (32, 3, 224, 224)    the two views
+    q_out.c5, k_out.c5           (32, 2048, 49)       C5 (32, 2048, 7, 7) flattened: S² = 49 locations
+    q_out.global_, k_out.global_ (32, 128)            global embeddings, MoCo v2's MLP head
+    q_out.grid, k_out.grid       (32, 128, 49)        dense embeddings (1x1-conv head)
+    k_out.pooled                 (32, 128)            the key grid averaged over space: what queue2 holds
+    similarity                   (32, 49, 49)         cosine of every query location with every key location
+    match                        (32, 49)             the key location matched to each query location
+    q_flat, k_flat               (1568, 128)          B·S² dense queries and their matched keys
+    queue, queue2                (128, 65536) each    global keys / pooled dense keys of earlier images
+    dense logits                 (1568, 1 + 65536)    never stored: QueueInfoNCE streams the queue
 
 Launch:
     python densecl.py                                         # ImageNet recipe, synthetic data
@@ -59,6 +60,10 @@ Deviations from the official code:
   are given; every other --data uses the ImageNet recipe (lr 0.03 x N/256, 200 epochs).
 - --gpu-augment (off by default): the same augmentation distribution computed on the device
   (common.py, section 7), not the same pixels.
+- Blur: torchvision's Gaussian blur with a kernel of 10% of the crop (at least 13 taps; 23 at
+  224 px; common.blur_kernel), sigma U(0.1, 2); OpenSelfSup's GaussianBlur is PIL's
+  ImageFilter.GaussianBlur(radius=sigma), which has no kernel size (PIL approximates the Gaussian
+  with box passes). The same blur up to the kernel's truncation and PIL's approximation.
 
 Checked against the official code (openselfsup/models/densecl.py, necks.py DenseCLNeck, the
 configs): the backbone has OpenSelfSup's ResNet init (kaiming normal, fan_in); the neck's Linears
@@ -69,7 +74,7 @@ the first iterations) off, as in the released configs.
 """
 import argparse
 import copy
-import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -118,14 +123,34 @@ def get_args(argv=None):
 
 
 # =================================================================================================
+# Data
+# =================================================================================================
+def build_data(args, device):
+    """Two independent MoCo v2 "aug-plus" views of every image (DenseCL uses MoCo v2's pipeline). Returns the loader and, with --gpu-augment, the device-side
+    augmentation (common.py, section 7) its decoded batches go through."""
+    if args.gpu_augment:
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                common.MoCoV2Views(args.image_size))
+    augment = common.moco_v2_augmentation(args.image_size)
+    dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
+
+
+# =================================================================================================
 # Model
 # =================================================================================================
+class Outputs(NamedTuple):
+    """An encoder's four outputs, none normalised yet."""
+    c5: torch.Tensor  # (B, C, S²) the backbone's map, flattened: what the matching compares
+    global_: torch.Tensor  # (B, D) the global MLP head's embedding (MoCo v2's)
+    grid: torch.Tensor  # (B, D, S²) the dense head's embedding of every location
+    pooled: torch.Tensor  # (B, D) the grid averaged over space: what queue2 holds
+
+
 class Encoder(nn.Module):
     """ResNet trunk + DenseCL neck: a global MLP head and a dense 1x1-conv head on C5, no BN.
-
-    forward(x) returns the C5 map (B, C, S²), the global embedding (B, D), the dense grid
-    (B, D, S²) and the grid average-pooled over space (B, D); nothing is normalised yet.
-    """
+    forward(x) returns its Outputs."""
 
     def __init__(self, arch, dim):
         super().__init__()
@@ -141,7 +166,7 @@ class Encoder(nn.Module):
     def forward(self, x):  # (B, 3, H, W)
         c5 = self.backbone(x)  # (B, C, h, w)
         grid = self.dense_head(c5).flatten(2)  # (B, D, S²)
-        return c5.flatten(2), self.head(c5.mean((2, 3))), grid, grid.mean(2)
+        return Outputs(c5.flatten(2), self.head(c5.mean((2, 3))), grid, grid.mean(2))
 
 
 class Queue(nn.Module):
@@ -231,12 +256,14 @@ def dense_loss(q_grid, k_grid, match, queue, temperature):
     return QueueInfoNCE.apply(q_flat, k_flat, queue, temperature)
 
 
-# ---- Speed only: QueueInfoNCE is infonce(q, k, queue, T) with the same value and gradient (tests/test_densecl.py),
-# ---- computed without storing the (B·S², 1 + K) logits. Read infonce above for the math.
+# ---- Speed only: QueueInfoNCE is infonce(q, k, queue, T) with the same value and the same gradient with
+# ---- respect to q (tests/test_densecl.py), computed without storing the (B·S², 1 + K) logits. Read infonce above.
 class QueueInfoNCE(torch.autograd.Function):
-    """infonce(q, k, queue, T) with the same value and gradient, without storing the (M, K) logits.
+    """infonce(q, k, queue, T) with the same value and the same gradient with respect to q, without
+    storing the (M, K) logits. k and the queue get no gradient: in DenseCL both come from the key
+    encoder, which gradients never train (a k that requires grad is refused).
 
-    The dense loss has M = B·S² queries (392 x 65536 logits at B = 8): writing that matrix and running
+    The dense loss has M = B·S² queries (1568 x 65536 logits at the paper's B = 32): writing that matrix and running
     a softmax over it costs more than the matmul itself (benchmarks/bench.py loss). Here the queue is
     read in chunks that stay in cache, and the softmax's sums are accumulated on the way, shifted by
     each row's running maximum (rescaled when a chunk raises it), so that no exp over- or underflows
@@ -246,6 +273,8 @@ class QueueInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, queue, temperature, chunk=4096):
+        if k.requires_grad or queue.requires_grad:
+            raise ValueError("QueueInfoNCE gives a gradient for q only: its keys and queue must not require grad")
         with torch.autocast(q.device.type, enabled=False):
             qs, k, queue = q.float() / temperature, k.float(), queue.float()  # (M, D), (M, D), (D, K)
             l_pos = (qs * k).sum(1)  # (M,) the positive's logit
@@ -274,21 +303,6 @@ class QueueInfoNCE(torch.autograd.Function):
 
 
 # =================================================================================================
-# Data
-# =================================================================================================
-def build_data(args, device):
-    """Two independent MoCo v2 "aug-plus" views of every image (DenseCL uses MoCo v2's pipeline). Returns the loader and, with --gpu-augment, the device-side
-    augmentation (common.py, section 7) its decoded batches go through."""
-    if args.gpu_augment:
-        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
-                common.MoCoV2Views(args.image_size))
-    augment = common.moco_v2_augmentation(args.image_size)
-    dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
-
-
-# =================================================================================================
 # Train step
 # =================================================================================================
 def schedule(args, steps_per_epoch):
@@ -297,36 +311,50 @@ def schedule(args, steps_per_epoch):
     return common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)
 
 
-def train_step(views, model_q, encoder_k, queue, queue2, params_k, params_q, optimizer, scaler, loss_lambda,
-               args, dtype, device):
-    """One DenseCL iteration; returns (total, global, dense) loss tensors (no host sync)."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    im_q, im_k = (v.to(device, non_blocking=True, memory_format=memory_format) for v in views)  # (B, 3, H, W)
-    with common.autocast(device, dtype):  # the networks in mixed precision; matching and losses below in fp32
-        q_out = model_q(im_q)
+class State(NamedTuple):
+    """What a DenseCL step reads and updates, besides its views."""
+    encoder_q: nn.Module  # the query encoder as trained (DDP / torch.compile wrap it; the parameters are its)
+    encoder_k: nn.Module  # the key encoder: an EMA of the query encoder, never trained by gradients
+    queue: "Queue"  # global keys of earlier batches
+    queue2: "Queue"  # dense keys of earlier batches, one pooled key per image
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 only
+    dtype: torch.dtype  # autocast dtype, None for fp32
+    device: torch.device
+
+
+def train_step(views, s, step, args):
+    """One DenseCL iteration: EMA update, both views through both encoders, the matching, the global
+    and dense InfoNCE, an optimizer step, both queues pushed. Returns (total, global, dense) loss
+    tensors (no host sync)."""
+    # The dense loss is off for the first --dense-warmup-iters steps (the official loss_lambda warm-up).
+    loss_lambda = 0.0 if step < args.dense_warmup_iters else args.loss_lambda
+    memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format
+    im_q, im_k = (v.to(s.device, non_blocking=True, memory_format=memory_format) for v in views)  # (B, 3, H, W)
+    with common.autocast(s.device, s.dtype):  # the networks in mixed precision; matching and losses below in fp32
+        q_out = s.encoder_q(im_q)
         with torch.no_grad():
-            momentum_update(params_k, params_q, args.momentum)
+            momentum_update(list(s.encoder_k.parameters()), list(s.encoder_q.parameters()), args.momentum)
             if common.world_size() > 1:
                 im_k, unshuffle = batch_shuffle(im_k)
-                k_out = [batch_unshuffle(t.float(), unshuffle) for t in encoder_k(im_k)]
+                k_out = Outputs(*(batch_unshuffle(t.float(), unshuffle) for t in s.encoder_k(im_k)))
             elif args.bn_splits > 1:  # shuffle BN emulated: the key of image n lands in a random BatchNorm group
-                perm = torch.randperm(im_k.shape[0], device=device)  # (B,)
-                k_out = [t[torch.argsort(perm)] for t in encoder_k(im_k[perm])]
+                perm = torch.randperm(im_k.shape[0], device=s.device)  # (B,)
+                k_out = Outputs(*(t[torch.argsort(perm)] for t in s.encoder_k(im_k[perm])))
             else:
-                k_out = encoder_k(im_k)
-    q_feat, q, q_grid, _ = (F.normalize(t.float(), dim=1) for t in q_out)  # (B, C, S²), (B, D), (B, D, S²)
+                k_out = s.encoder_k(im_k)
+    q_out, k_out = (Outputs(*(F.normalize(t.float(), dim=1) for t in out)) for out in (q_out, k_out))
     with torch.no_grad():
-        k_feat, k, k_grid, k_pooled = (F.normalize(t.float(), dim=1) for t in k_out)
-        match = match_locations(q_feat, k_feat)  # (B, S²)
-    loss_global = infonce(q, k, queue.keys, args.temperature)
-    loss_dense = dense_loss(q_grid, k_grid, match, queue2.keys, args.temperature)
+        match = match_locations(q_out.c5, k_out.c5)  # (B, S²): by backbone features
+    loss_global = infonce(q_out.global_, k_out.global_, s.queue.keys, args.temperature)
+    loss_dense = dense_loss(q_out.grid, k_out.grid, match, s.queue2.keys, args.temperature)
     loss = (1 - loss_lambda) * loss_global + loss_lambda * loss_dense
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    queue.push(common.concat_all_gather(k))  # after backward: the loss graph has read the old queues
-    queue2.push(common.concat_all_gather(k_pooled))  # one pooled dense key per image: negatives from other images
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.queue.push(common.concat_all_gather(k_out.global_))  # after backward: the loss graph has read the old queues
+    s.queue2.push(common.concat_all_gather(k_out.pooled))  # one pooled dense key per image: negatives from other images
     return torch.stack([loss, loss_global, loss_dense]).detach()
 
 
@@ -343,11 +371,10 @@ def main(argv=None):
 
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
-    total_steps = args.epochs * steps_per_epoch
     lr_schedule = schedule(args, steps_per_epoch)
     common.print0(f"DenseCL | {args.arch} {args.image_size}px | {world} process(es) x {args.batch_per_rank} images | "
-                  f"lr {args.lr:g} | {args.epochs} epochs x {steps_per_epoch} steps = {total_steps} | "
-                  f"lambda {args.loss_lambda} | amp {dtype} | device {device} | output {out}")
+                  f"lr {args.lr:g} | {args.epochs} epochs x {steps_per_epoch} steps = {args.epochs * steps_per_epoch} | "
+                  f"lambda {args.loss_lambda} | {common.precision_name(dtype)} | device {device} | output {out}")
 
     encoder_q = Encoder(args.arch, args.dim)
     if world == 1:  # per-group BatchNorm statistics, as the official code's per-GPU ones
@@ -358,62 +385,33 @@ def main(argv=None):
     if device.type == "cuda":
         encoder_q.to(memory_format=torch.channels_last)
         encoder_k.to(memory_format=torch.channels_last)
-    params_q, params_k = list(encoder_q.parameters()), list(encoder_k.parameters())
-    common.seed_everything(args.seed + rank)  # from here on, each rank draws its own augmentations
-    optimizer = torch.optim.SGD(params_q, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay,
-                                foreach=True)
+    # Every rank starts from the same weights and queues (seeded above); from here on each rank draws
+    # its own random numbers (augmentations, shuffles), or all ranks would see the same crops.
+    common.seed_everything(args.seed + rank)
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=args.lr, momentum=args.sgd_momentum,
+                                weight_decay=args.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    ckpt_path = out / "checkpoint.pth"
-    state = {"encoder_q": encoder_q, "encoder_k": encoder_k, "queue": queue, "queue2": queue2}  # both queues
-    step, _ = common.resume(ckpt_path, state, optimizer, scaler, device, args, log)
-    save = lambda: common.save_checkpoint(ckpt_path, state, optimizer, scaler, step, args,
-                                          losses=running)  # checks that nothing diverged first
-
+    loop = common.Loop(out, {"encoder_q": encoder_q, "encoder_k": encoder_k, "queue": queue, "queue2": queue2},
+                       optimizer, scaler, args, log, steps_per_epoch, device,
+                       loss_names=("loss", "loss_global", "loss_dense"))  # resumes here if a checkpoint exists
     model_q = nn.parallel.DistributedDataParallel(encoder_q) if world > 1 else encoder_q
-    if args.compile:
-        model_q = torch.compile(model_q)
-    last_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    running, tick, tick_step = torch.zeros(3, device=device), time.time(), step
-    common.catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, exit
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip = (step - epoch * steps_per_epoch) * args.batch_per_rank  # mid-epoch resume
-        bar = common.progress(loader, epoch, args.epochs)
-        for views in bar:
-            if step >= last_step:
-                break
-            if device_views is not None:  # --gpu-augment: decoded images -> two augmented views, on the device
-                views = device_views(views, device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_schedule[step]
-            loss_lambda = 0.0 if step < args.dense_warmup_iters else args.loss_lambda
-            running += train_step(views, model_q, encoder_k, queue, queue2, params_k, params_q, optimizer, scaler,
-                                  loss_lambda, args, dtype, device)
-            step += 1
-            stop = common.stop_requested()  # the same on every rank
-            if step % args.log_every == 0 or step == last_step or stop:
-                common.check_finite(running, state, step, ckpt_path)  # stops the run on NaN/inf
-                loss, loss_global, loss_dense = (common.mean_over_ranks(running) / (step - tick_step)).tolist()
-                speed = (step - tick_step) * args.batch_size / (time.time() - tick)
-                bar.set_postfix(loss=f"{loss:.3f}", dense=f"{loss_dense:.3f}", lr=f"{lr_schedule[step - 1]:.4f}",
-                                img_s=f"{speed:.0f}")
-                log.write(step=step, epoch=epoch, loss=loss, loss_global=loss_global, loss_dense=loss_dense,
-                          lr=lr_schedule[step - 1], images_per_s=speed)
-                running.zero_()
-                tick, tick_step = time.time(), step
-            if step % args.save_every == 0 or stop:
-                save()
-            if stop:
-                common.exit_on_signal(stop, step, ckpt_path)
-        loader.sampler.skip = 0
-        save()
+    s = State(torch.compile(model_q) if args.compile else model_q, encoder_k, queue, queue2, optimizer, scaler, dtype,
+              device)
+
+    for epoch, views in loop.batches(loader):
+        if device_views is not None:  # --gpu-augment: decoded images -> two augmented views, on the device
+            views = device_views(views, device)
+        lr = lr_schedule[loop.step]
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        losses = train_step(views, s, loop.step, args)  # (total, global, dense)
+        loop.end_step(losses, lr)
+    loop.save()
     # Downstream uses the query encoder's backbone, as the official DenseCL conversion script.
     if common.is_main():
         common.save_downstream(out / "downstream.pth", "densecl", args.arch, encoder_q.backbone)
-    common.print0(f"done: step {step}/{total_steps}; checkpoint {ckpt_path}; downstream weights {out / 'downstream.pth'}")
+    common.print0(f"done: step {loop.step}/{loop.last_step}; checkpoint {loop.path}; downstream weights "
+                  f"{out / 'downstream.pth'}")
     if world > 1:
         dist.destroy_process_group()
     return encoder_q, encoder_k, queue, queue2

@@ -10,7 +10,8 @@ must pick its own key out of a queue of 65536 keys from earlier batches (InfoNCE
 queue decouples the number of negatives from the batch size; the slowly moving key encoder keeps
 the queued keys consistent. Shuffle BN: BatchNorm statistics are computed over a batch, so a key's
 features carry a trace of its batch-mates, a shortcut to its query; the key images are shuffled
-across processes before the key encoder, so a key never shares its BatchNorm batch with its query.
+across processes before the key encoder, so a key rarely shares its BatchNorm batch with its query
+(with 8 GPUs, 1 time in 8: the shuffle is a random permutation).
 
 Shapes per GPU in the paper's run (8 GPUs x 32 images, 224 px, ResNet-50):
 
@@ -52,7 +53,7 @@ init; the lr cosine stepped per epoch.
 """
 import argparse
 import copy
-import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,21 @@ def get_args(argv=None):
                 f"write some queue slots twice (nondeterministic on CUDA); use a queue of at least one global batch")
     args.lr = args.lr if args.lr is not None else 0.03 * args.batch_size / 256  # linear scaling rule
     return args
+
+
+# =================================================================================================
+# Data
+# =================================================================================================
+def build_data(args, device):
+    """Two independent MoCo v2 "aug-plus" views of every image. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (common.py, section 7) its decoded batches go through."""
+    if args.gpu_augment:
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                common.MoCoV2Views(args.image_size))
+    augment = common.moco_v2_augmentation(args.image_size)
+    dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -170,21 +186,6 @@ def infonce(q, k, queue, temperature):
 
 
 # =================================================================================================
-# Data
-# =================================================================================================
-def build_data(args, device):
-    """Two independent MoCo v2 "aug-plus" views of every image. Returns the loader and, with --gpu-augment, the device-side
-    augmentation (common.py, section 7) its decoded batches go through."""
-    if args.gpu_augment:
-        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
-                common.MoCoV2Views(args.image_size))
-    augment = common.moco_v2_augmentation(args.image_size)
-    dataset = common.build_pretrain_dataset(args, common.TwoViews(augment))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
-
-
-# =================================================================================================
 # Train step
 # =================================================================================================
 def schedule(args, steps_per_epoch):
@@ -193,29 +194,41 @@ def schedule(args, steps_per_epoch):
     return common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)
 
 
-def train_step(views, model_q, encoder_k, queue, params_k, params_q, optimizer, scaler, args, dtype, device):
-    """One MoCo v2 iteration; returns the loss tensor (no host sync)."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    im_q, im_k = (v.to(device, non_blocking=True, memory_format=memory_format) for v in views)  # (B, 3, H, W)
-    with common.autocast(device, dtype):  # the networks in mixed precision, the loss below in fp32
-        q = model_q(im_q)  # (B, D)
+class State(NamedTuple):
+    """What a MoCo step reads and updates, besides its views."""
+    encoder_q: nn.Module  # the query encoder as trained (DDP / torch.compile wrap it; the parameters are its)
+    encoder_k: nn.Module  # the key encoder: an EMA of the query encoder, never trained by gradients
+    queue: "Queue"  # the keys of earlier batches
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 only
+    dtype: torch.dtype  # autocast dtype, None for fp32
+    device: torch.device
+
+
+def train_step(views, s, args):
+    """One MoCo v2 iteration: EMA update of the key encoder, the two views through both encoders,
+    InfoNCE against the queue, an optimizer step, the keys pushed. Returns the loss (no host sync)."""
+    memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format
+    im_q, im_k = (v.to(s.device, non_blocking=True, memory_format=memory_format) for v in views)  # (B, 3, H, W)
+    with common.autocast(s.device, s.dtype):  # the networks in mixed precision, the loss below in fp32
+        q = s.encoder_q(im_q)  # (B, D)
         with torch.no_grad():
-            momentum_update(params_k, params_q, args.momentum)
+            momentum_update(list(s.encoder_k.parameters()), list(s.encoder_q.parameters()), args.momentum)
             if common.world_size() > 1:
                 im_k, unshuffle = batch_shuffle(im_k)
-                k = batch_unshuffle(encoder_k(im_k).float(), unshuffle)  # (B, D)
+                k = batch_unshuffle(s.encoder_k(im_k).float(), unshuffle)  # (B, D)
             elif args.bn_splits > 1:  # shuffle BN emulated: the key of image n lands in a random BatchNorm group
-                perm = torch.randperm(im_k.shape[0], device=device)  # (B,)
-                k = encoder_k(im_k[perm])[torch.argsort(perm)]  # (B, D)
+                perm = torch.randperm(im_k.shape[0], device=s.device)  # (B,)
+                k = s.encoder_k(im_k[perm])[torch.argsort(perm)]  # (B, D)
             else:
-                k = encoder_k(im_k)
+                k = s.encoder_k(im_k)
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
-    loss = infonce(q, k, queue.keys, args.temperature)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    queue.push(common.concat_all_gather(k))  # after backward: the loss graph has read the old queue
+    loss = infonce(q, k, s.queue.keys, args.temperature)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.queue.push(common.concat_all_gather(k))  # after backward: the loss graph has read the old queue
     return loss.detach()
 
 
@@ -232,11 +245,10 @@ def main(argv=None):
 
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
-    total_steps = args.epochs * steps_per_epoch
     lr_schedule = schedule(args, steps_per_epoch)
     common.print0(f"MoCo v2 | {args.arch} {args.image_size}px | {world} process(es) x {args.batch_per_rank} images | "
-                  f"lr {args.lr:g} | {steps_per_epoch} steps/epoch, {total_steps} in all | "
-                  f"amp {dtype} | device {device} | output {out}")
+                  f"lr {args.lr:g} | {steps_per_epoch} steps/epoch, {args.epochs * steps_per_epoch} in all | "
+                  f"{common.precision_name(dtype)} | device {device} | output {out}")
 
     encoder_q = Encoder(args.arch, args.dim)
     if world == 1:  # per-group BatchNorm statistics, as the official code's per-GPU ones
@@ -247,59 +259,31 @@ def main(argv=None):
     if device.type == "cuda":
         encoder_q.to(memory_format=torch.channels_last)
         encoder_k.to(memory_format=torch.channels_last)
-    params_q, params_k = list(encoder_q.parameters()), list(encoder_k.parameters())
-    common.seed_everything(args.seed + rank)  # from here on, each rank draws its own augmentations
-    optimizer = torch.optim.SGD(params_q, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay,
-                                foreach=True)
+    # Every rank starts from the same weights and queue (seeded above); from here on each rank draws
+    # its own random numbers (augmentations, shuffles), or all ranks would see the same crops.
+    common.seed_everything(args.seed + rank)
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=args.lr, momentum=args.sgd_momentum,
+                                weight_decay=args.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    ckpt_path = out / "checkpoint.pth"
-    state = {"encoder_q": encoder_q, "encoder_k": encoder_k, "queue": queue}  # what a checkpoint holds
-    step, _ = common.resume(ckpt_path, state, optimizer, scaler, device, args, log)
-    save = lambda: common.save_checkpoint(ckpt_path, state, optimizer, scaler, step, args,
-                                          losses=running)  # checks that nothing diverged first
-
+    loop = common.Loop(out, {"encoder_q": encoder_q, "encoder_k": encoder_k, "queue": queue}, optimizer, scaler,
+                       args, log, steps_per_epoch, device)  # resumes here if a checkpoint exists
     model_q = nn.parallel.DistributedDataParallel(encoder_q) if world > 1 else encoder_q
-    if args.compile:
-        model_q = torch.compile(model_q)
-    last_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    running, tick, tick_step = torch.zeros((), device=device), time.time(), step
-    common.catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, exit
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip = (step - epoch * steps_per_epoch) * args.batch_per_rank  # mid-epoch resume
-        bar = common.progress(loader, epoch, args.epochs)
-        for views in bar:
-            if step >= last_step:
-                break
-            if device_views is not None:  # --gpu-augment: decoded images -> two augmented views, on the device
-                views = device_views(views, device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_schedule[step]
-            running += train_step(views, model_q, encoder_k, queue, params_k, params_q, optimizer, scaler,
-                                  args, dtype, device)
-            step += 1
-            stop = common.stop_requested()  # the same on every rank
-            if step % args.log_every == 0 or step == last_step or stop:
-                common.check_finite(running, state, step, ckpt_path)  # stops the run on NaN/inf
-                loss, elapsed = common.mean_over_ranks(running).item() / (step - tick_step), time.time() - tick
-                speed = (step - tick_step) * args.batch_size / elapsed
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_schedule[step - 1]:.4f}", img_s=f"{speed:.0f}")
-                log.write(step=step, epoch=epoch, loss=loss, lr=lr_schedule[step - 1], images_per_s=speed)
-                running.zero_()
-                tick, tick_step = time.time(), step
-            if step % args.save_every == 0 or stop:
-                save()
-            if stop:
-                common.exit_on_signal(stop, step, ckpt_path)
-        loader.sampler.skip = 0
-        save()
+    s = State(torch.compile(model_q) if args.compile else model_q, encoder_k, queue, optimizer, scaler, dtype, device)
+
+    for epoch, views in loop.batches(loader):
+        if device_views is not None:  # --gpu-augment: decoded images -> two augmented views, on the device
+            views = device_views(views, device)
+        lr = lr_schedule[loop.step]
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss = train_step(views, s, args)
+        loop.end_step(loss, lr)
+    loop.save()
     # Downstream uses the query encoder's backbone, as the official MoCo/DenseCL conversion scripts.
     if common.is_main():
         common.save_downstream(out / "downstream.pth", "moco", args.arch, encoder_q.backbone)
-    common.print0(f"done: step {step}/{total_steps}; checkpoint {ckpt_path}; downstream weights {out / 'downstream.pth'}")
+    common.print0(f"done: step {loop.step}/{loop.last_step}; checkpoint {loop.path}; downstream weights "
+                  f"{out / 'downstream.pth'}")
     if world > 1:
         dist.destroy_process_group()
     return encoder_q, encoder_k, queue

@@ -112,3 +112,12 @@ def test_torchrun_two_processes(tmp_path):
     torchrun(2, script, *TINY, "--queue-size", "64", "--max-steps", "2", "--output-dir", tmp_path / "run")
     r0 = assert_ranks_equal(tmp_path, 100)
     assert r0[3]["ptr"].item() == 16  # 2 ranks x 4 images x 2 steps in the dense queue
+
+
+def test_fused_queue_infonce_refuses_keys_that_require_grad():
+    # QueueInfoNCE's gradient is d/dq only: keys or a queue that require grad would silently get none.
+    q, k, queue = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True), torch.randn(8, 32)
+    with pytest.raises(ValueError, match="gradient for q only"):
+        densecl.QueueInfoNCE.apply(q, k, queue, 0.2)
+    densecl.QueueInfoNCE.apply(q, k.detach(), queue, 0.2).backward()
+    assert q.grad is not None

@@ -83,8 +83,9 @@ def test_one_process_emulates_shuffle_bn_per_group(splits, monkeypatch):
     optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.0)
     monkeypatch.setattr(moco, "infonce", lambda q, k, keys, t: seen.setdefault("k", k) is k and q.sum() * 0)  # keep k
     torch.manual_seed(1)
-    moco.train_step((im_q, im_k), encoder_q, encoder_k, queue, list(encoder_k.parameters()), list(encoder_q.parameters()),
-                    optimizer, torch.amp.GradScaler("cpu", enabled=False), args, None, torch.device("cpu"))
+    state = moco.State(encoder_q, encoder_k, queue, optimizer, torch.amp.GradScaler("cpu", enabled=False), None,
+                       torch.device("cpu"))
+    moco.train_step((im_q, im_k), state, args)
     torch.manual_seed(1)
     perm = torch.randperm(8)  # the permutation train_step drew
     shuffled, expected = im_k[perm], torch.empty(8, 128)
