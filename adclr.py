@@ -68,7 +68,7 @@ its query choices are the alternatives above.
 """
 import argparse
 import copy
-import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -136,6 +136,79 @@ def get_args(argv=None):
     args.query_tokens = (args.query_size // args.patch_size) ** 2  # tokens per query crop
     args.scaled_lr = args.lr * args.batch_size / 256  # linear scaling rule
     return args
+
+
+# =================================================================================================
+# Data
+# =================================================================================================
+class MultiCropWithQueries:
+    """DINO multi-crop (2 global + n local views, bicubic) plus Q query crops of the original image."""
+
+    def __init__(self, args):
+        self.global1, self.global2 = common.byol_augmentations(args.global_size, scale=tuple(args.global_scale),
+                                                               interpolation=BICUBIC)
+        colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        self.local = v2.Compose([
+            v2.RandomResizedCrop(args.local_size, scale=tuple(args.local_scale), interpolation=BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(), *colour,
+            v2.RandomApply([v2.GaussianBlur(common.blur_kernel(args.local_size), sigma=(0.1, 2.0))], p=0.5),
+            *to_tensor,
+        ])
+        query_colour = [*colour, v2.RandomApply([v2.GaussianBlur(common.blur_kernel(args.query_size), sigma=(0.1, 2.0))],
+                                                p=0.5)] if args.query_augment == "local" else []
+        self.query = v2.Compose([
+            v2.RandomResizedCrop(args.query_size, scale=tuple(args.query_scale), interpolation=BICUBIC, antialias=True),
+            *query_colour, *to_tensor,
+        ])
+        self.n_local, self.n_queries = args.local_crops, args.num_queries
+
+    def __call__(self, img):
+        queries = torch.stack([self.query(img) for _ in range(self.n_queries)]) if self.n_queries else torch.zeros(0)
+        return [self.global1(img), self.global2(img)], [self.local(img) for _ in range(self.n_local)], queries
+
+
+class MultiCropViews:
+    """MultiCropWithQueries on the device: 2 global views (BYOL's asymmetric colour), n local
+    views (jitter, grayscale, blur 0.5) and Q query crops (colour as the local views with
+    --query-augment local). Returns ([g1, g2], [locals], queries (B, Q, 3, q, q))."""
+
+    def __init__(self, args):
+        self.args = args
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        a = self.args
+        images, sizes = common.device_images(batch, device)
+        B = len(images)
+        g, _, _ = common.device_crops(images, sizes, 2, a.global_size, tuple(a.global_scale))
+        k = common.blur_kernel(a.global_size)
+        globals_ = [common.device_colour(g[:B], **common.BYOL_COLOUR, p_blur=1.0, p_solarize=0.0, kernel=k),
+                    common.device_colour(g[B:], **common.BYOL_COLOUR, p_blur=0.1, p_solarize=0.2, kernel=k)]
+        local = []
+        if a.local_crops:
+            x, _, _ = common.device_crops(images, sizes, a.local_crops, a.local_size, tuple(a.local_scale))
+            local = list(common.device_colour(x, **common.BYOL_COLOUR, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.local_size)).split(B))
+        queries = torch.zeros(0, device=device)
+        if a.num_queries:
+            q, _, _ = common.device_crops(images, sizes, a.num_queries, a.query_size, tuple(a.query_scale), flip_p=0.0)
+            if a.query_augment == "local":
+                q = common.device_colour(q, **common.BYOL_COLOUR, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.query_size))
+            else:
+                q = common.normalise(q)
+            queries = q.view(a.num_queries, B, *q.shape[1:]).transpose(0, 1)  # (B, Q, 3, q, q)
+        return globals_, local, queries
+
+
+def build_data(args, device):
+    """Multi-crop views and query crops of every image. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (common.py, section 7) its decoded batches go through."""
+    if args.gpu_augment:
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                MultiCropViews(args))
+    dataset = common.build_pretrain_dataset(args, MultiCropWithQueries(args))
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -213,32 +286,6 @@ class DINONet(nn.Module):
         return self.head(tokens).reshape(B, -1, self.head.out_dim)
 
 
-@torch.no_grad()
-def ema_update(teacher_params, student_params, m):
-    """teacher <- m·teacher + (1 - m)·student, one fused foreach kernel."""
-    torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
-
-
-@torch.no_grad()
-def update_center(center, teacher_out, momentum):
-    """center <- momentum·center + (1 - momentum)·mean of teacher outputs over all ranks. teacher_out (..., K)."""
-    batch_center = teacher_out.flatten(0, -2).mean(0)  # (K,)
-    if common.world_size() > 1:
-        dist.all_reduce(batch_center)
-        batch_center /= common.world_size()
-    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
-
-
-@torch.no_grad()
-def clip_per_parameter(grads, clip):
-    """DINO's clip_gradients: scale each parameter's gradient to norm <= clip (on its own)."""
-    scale = torch._foreach_add(torch._foreach_norm(grads), 1e-6)
-    torch._foreach_reciprocal_(scale)
-    torch._foreach_mul_(scale, clip)
-    torch._foreach_clamp_max_(scale, 1.0)  # min(1, clip / |g|), one kernel per op for all parameters
-    torch._foreach_mul_(grads, scale)
-
-
 # =================================================================================================
 # Loss
 # =================================================================================================
@@ -271,79 +318,6 @@ def query_loss(student_q, teacher_q, center, student_temp, teacher_temp):
 
 
 # =================================================================================================
-# Data
-# =================================================================================================
-class MultiCropWithQueries:
-    """DINO multi-crop (2 global + n local views, bicubic) plus Q query crops of the original image."""
-
-    def __init__(self, args):
-        self.global1, self.global2 = common.byol_augmentations(args.global_size, scale=tuple(args.global_scale),
-                                                               interpolation=BICUBIC)
-        colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
-        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
-        self.local = v2.Compose([
-            v2.RandomResizedCrop(args.local_size, scale=tuple(args.local_scale), interpolation=BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(), *colour,
-            v2.RandomApply([v2.GaussianBlur(common.blur_kernel(args.local_size), sigma=(0.1, 2.0))], p=0.5),
-            *to_tensor,
-        ])
-        query_colour = [*colour, v2.RandomApply([v2.GaussianBlur(common.blur_kernel(args.query_size), sigma=(0.1, 2.0))],
-                                                p=0.5)] if args.query_augment == "local" else []
-        self.query = v2.Compose([
-            v2.RandomResizedCrop(args.query_size, scale=tuple(args.query_scale), interpolation=BICUBIC, antialias=True),
-            *query_colour, *to_tensor,
-        ])
-        self.n_local, self.n_queries = args.local_crops, args.num_queries
-
-    def __call__(self, img):
-        queries = torch.stack([self.query(img) for _ in range(self.n_queries)]) if self.n_queries else torch.zeros(0)
-        return [self.global1(img), self.global2(img)], [self.local(img) for _ in range(self.n_local)], queries
-
-
-class MultiCropViews:
-    """MultiCropWithQueries on the device: 2 global views (BYOL's asymmetric colour), n local
-    views (jitter, grayscale, blur 0.5) and Q query crops (colour as the local views with
-    --query-augment local). Returns ([g1, g2], [locals], queries (B, Q, 3, q, q))."""
-
-    def __init__(self, args):
-        self.args = args
-
-    @torch.no_grad()
-    def __call__(self, batch, device):
-        a = self.args
-        images, sizes = common.device_images(batch, device)
-        B = len(images)
-        g, _, _ = common.device_crops(images, sizes, 2, a.global_size, tuple(a.global_scale))
-        k = common.blur_kernel(a.global_size)
-        globals_ = [common.device_colour(g[:B], **common.BYOL_COLOUR, p_blur=1.0, p_solarize=0.0, kernel=k),
-                    common.device_colour(g[B:], **common.BYOL_COLOUR, p_blur=0.1, p_solarize=0.2, kernel=k)]
-        local = []
-        if a.local_crops:
-            x, _, _ = common.device_crops(images, sizes, a.local_crops, a.local_size, tuple(a.local_scale))
-            local = list(common.device_colour(x, **common.BYOL_COLOUR, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.local_size)).split(B))
-        queries = torch.zeros(0, device=device)
-        if a.num_queries:
-            q, _, _ = common.device_crops(images, sizes, a.num_queries, a.query_size, tuple(a.query_scale), flip_p=0.0)
-            if a.query_augment == "local":
-                q = common.device_colour(q, **common.BYOL_COLOUR, p_blur=0.5, p_solarize=0.0, kernel=common.blur_kernel(a.query_size))
-            else:
-                q = common.normalise(q)
-            queries = q.view(a.num_queries, B, *q.shape[1:]).transpose(0, 1)  # (B, Q, 3, q, q)
-        return globals_, local, queries
-
-
-def build_data(args, device):
-    """Multi-crop views and query crops of every image. Returns the loader and, with --gpu-augment, the device-side
-    augmentation (common.py, section 7) its decoded batches go through."""
-    if args.gpu_augment:
-        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
-                MultiCropViews(args))
-    dataset = common.build_pretrain_dataset(args, MultiCropWithQueries(args))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
-
-
-# =================================================================================================
 # Train step
 # =================================================================================================
 def schedules(args, steps_per_epoch):
@@ -360,39 +334,78 @@ def schedules(args, steps_per_epoch):
     return lr, wd, momentum, temp
 
 
-def train_step(batch, student, teacher, centers, params_t, params_s, optimizer, scaler, sched, epoch, args, dtype, device):
-    """One ADCLR iteration; returns (total, DINO, query) loss tensors (no host sync)."""
+@torch.no_grad()
+def ema_update(teacher_params, student_params, m):
+    """teacher <- m·teacher + (1 - m)·student, one fused foreach kernel."""
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
+
+@torch.no_grad()
+def update_center(center, teacher_out, momentum):
+    """center <- momentum·center + (1 - momentum)·mean of teacher outputs over all ranks. teacher_out (..., K)."""
+    batch_center = teacher_out.flatten(0, -2).mean(0)  # (K,)
+    if common.world_size() > 1:
+        dist.all_reduce(batch_center)
+        batch_center /= common.world_size()
+    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
+
+@torch.no_grad()
+def clip_per_parameter(grads, clip):
+    """DINO's clip_gradients: scale each parameter's gradient to norm <= clip (on its own)."""
+    scale = torch._foreach_add(torch._foreach_norm(grads), 1e-6)
+    torch._foreach_reciprocal_(scale)
+    torch._foreach_mul_(scale, clip)
+    torch._foreach_clamp_max_(scale, 1.0)  # min(1, clip / |g|), one kernel per op for all parameters
+    torch._foreach_mul_(grads, scale)
+
+
+class State(NamedTuple):
+    """What an ADCLR step reads and updates, besides its crops."""
+    student: nn.Module  # the student as trained (DDP / torch.compile wrap it; the parameters are its)
+    teacher: nn.Module  # an EMA of the student, never trained by gradients
+    center_cls: torch.Tensor  # (K,) EMA of the teacher's [CLS] outputs (DINO's center)
+    center_query: torch.Tensor  # (K,) EMA of the teacher's query outputs (ADCLR's second center)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 only
+    dtype: torch.dtype  # autocast dtype, None for fp32
+    device: torch.device
+
+
+def train_step(batch, s, epoch, momentum, teacher_temp, args):
+    """One ADCLR iteration at teacher EMA `momentum` and `teacher_temp`: both networks on the crops
+    (the queries too), the DINO and query losses, clipping, the optimizer step, then the teacher's EMA
+    and both centers. Returns (total, DINO, query) loss tensors (no host sync)."""
     globals_, locals_, queries = batch
-    globals_ = [g.to(device, non_blocking=True) for g in globals_]
-    locals_ = [l.to(device, non_blocking=True) for l in locals_]
+    globals_ = [g.to(s.device, non_blocking=True) for g in globals_]
+    locals_ = [l.to(s.device, non_blocking=True) for l in locals_]
     use_q = args.num_queries > 0 and args.query_weight > 0
-    queries = queries.to(device, non_blocking=True) if use_q else None
+    queries = queries.to(s.device, non_blocking=True) if use_q else None
     cross_view = args.query_target == "cross-view"
-    with common.autocast(device, dtype):
+    with common.autocast(s.device, s.dtype):
         with torch.no_grad():
-            t_cls, t_q = teacher(globals_, (), queries if use_q and cross_view else None)
+            t_cls, t_q = s.teacher(globals_, (), queries if use_q and cross_view else None)
             if use_q and not cross_view:
-                t_q = teacher.encode_queries_alone(queries)  # (B, Q·t, K)
-        s_cls, s_q = student(globals_, locals_, queries)
+                t_q = s.teacher.encode_queries_alone(queries)  # (B, Q·t, K)
+        s_cls, s_q = s.student(globals_, locals_, queries)
     t_cls = t_cls.float()  # the losses in fp32: bf16 logits over 65536 prototypes move the loss by 1e-2
-    l_dino = dino_loss(s_cls.float(), t_cls, centers[0], args.student_temp, sched["teacher_temp"])
-    l_query = (query_loss(s_q.float(), t_q.float(), centers[1], args.student_temp, sched["teacher_temp"]) if use_q
-               else torch.zeros((), device=device))
+    l_dino = dino_loss(s_cls.float(), t_cls, s.center_cls, args.student_temp, teacher_temp)
+    l_query = (query_loss(s_q.float(), t_q.float(), s.center_query, args.student_temp, teacher_temp) if use_q
+               else torch.zeros((), device=s.device))
     loss = l_dino + args.query_weight * l_query
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(s.optimizer)
     if args.clip_grad > 0:  # DINO: 0 means no clipping
-        clip_per_parameter([p.grad for p in params_s if p.grad is not None], args.clip_grad)
+        clip_per_parameter([p.grad for p in s.student.parameters() if p.grad is not None], args.clip_grad)
     if epoch < args.freeze_last_layer:  # DINO: the last layer stays fixed in the first epoch
-        for p in (student.module if hasattr(student, "module") else student).head.last_layer.parameters():
-            p.grad = None
-    scaler.step(optimizer)
-    scaler.update()
-    ema_update(params_t, params_s, sched["momentum"])  # after the optimizer step, as DINO
-    update_center(centers[0], t_cls, args.center_momentum)
+        for name, p in s.student.named_parameters():
+            if ".last_layer." in name:
+                p.grad = None
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    ema_update(list(s.teacher.parameters()), list(s.student.parameters()), momentum)  # after the step, as DINO
+    update_center(s.center_cls, t_cls, args.center_momentum)
     if use_q:
-        update_center(centers[1], t_q.float(), args.center_momentum)
+        update_center(s.center_query, t_q.float(), args.center_momentum)
     return torch.stack([loss.detach(), l_dino.detach(), l_query.detach()])
 
 
@@ -409,79 +422,50 @@ def main(argv=None):
 
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
-    total_steps = args.epochs * steps_per_epoch
     lr_schedule, wd_schedule, m_schedule, temp_per_epoch = schedules(args, steps_per_epoch)
     common.print0(f"ADCLR | {args.arch}/{args.patch_size} | Q = {args.num_queries} x {args.query_tokens} token(s), "
                   f"lambda {args.query_weight}, target {args.query_target} | {world} x {args.batch_per_rank} images | "
-                  f"lr {args.scaled_lr:g} | {args.epochs} epochs x {steps_per_epoch} steps | amp {dtype} | device {device} | "
-                  f"output {out}")
+                  f"lr {args.scaled_lr:g} | {args.epochs} epochs x {steps_per_epoch} steps | "
+                  f"{common.precision_name(dtype)} | device {device} | output {out}")
 
     student = DINONet(args, drop_path=args.drop_path).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)  # DINO's teacher: the same weights, no stochastic depth
     for block in teacher.vit.blocks:
         block.drop_path = 0.0
-    centers = torch.zeros(2, args.out_dim, device=device)  # CLS center, query center
-    params_s, params_t = list(student.parameters()), list(teacher.parameters())  # the EMA covers g too, as DINO
+    centers = torch.zeros(2, args.out_dim, device=device)  # the [CLS] and query centers, saved as one (2, K) tensor
+    # Every rank starts from the same weights (seeded above); from here on each rank draws its own
+    # random numbers (crops, stochastic depth), or all ranks would see the same crops.
     common.seed_everything(args.seed + rank)
-    trained = [p for p in params_s if p.requires_grad]
+    trained = [p for p in student.parameters() if p.requires_grad]  # the EMA covers all, g too, as DINO
     decay = [p for p in trained if p.ndim > 1]
     no_decay = [p for p in trained if p.ndim <= 1]  # biases and norms: no weight decay (DINO)
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.scaled_lr,
                                   foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    ckpt_path = out / "checkpoint.pth"
-    state = {"student": student, "teacher": teacher}
-    step, ckpt = common.resume(ckpt_path, state, optimizer, scaler, device, args, log)
-    if ckpt is not None:
-        centers.copy_(ckpt["centers"])  # CLS and query centers
-    save = lambda: common.save_checkpoint(ckpt_path, state, optimizer, scaler, step, args, {"centers": centers},
-                                          losses=running)  # checks that nothing diverged first
-
+    loop = common.Loop(out, {"student": student, "teacher": teacher}, optimizer, scaler, args, log, steps_per_epoch,
+                       device, extra={"centers": centers}, loss_names=("loss", "loss_dino", "loss_query"))
+    if loop.checkpoint is not None:  # resumed: the centers too
+        centers.copy_(loop.checkpoint["centers"])
     model_s = nn.parallel.DistributedDataParallel(student) if world > 1 else student
-    if args.compile:
-        model_s = torch.compile(model_s)
-    last_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    running, tick, tick_step = torch.zeros(3, device=device), time.time(), step
-    common.catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, exit
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip = (step - epoch * steps_per_epoch) * args.batch_per_rank
-        bar = common.progress(loader, epoch, args.epochs)
-        for batch in bar:
-            if step >= last_step:
-                break
-            if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
-                batch = device_views(batch, device)
-            optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr_schedule[step]
-            optimizer.param_groups[0]["weight_decay"] = wd_schedule[step]
-            sched = {"momentum": m_schedule[step], "teacher_temp": float(temp_per_epoch[epoch])}
-            running += train_step(batch, model_s, teacher, centers, params_t, params_s, optimizer, scaler, sched, epoch,
-                                  args, dtype, device)
-            step += 1
-            stop = common.stop_requested()  # the same on every rank
-            if step % args.log_every == 0 or step == last_step or stop:
-                common.check_finite(running, state, step, ckpt_path)  # stops the run on NaN/inf
-                loss, l_dino, l_query = (common.mean_over_ranks(running) / (step - tick_step)).tolist()
-                speed = (step - tick_step) * args.batch_size / (time.time() - tick)
-                bar.set_postfix(loss=f"{loss:.3f}", query=f"{l_query:.3f}", lr=f"{lr_schedule[step - 1]:.2e}", img_s=f"{speed:.0f}")
-                log.write(step=step, epoch=epoch, loss=loss, loss_dino=l_dino, loss_query=l_query, lr=lr_schedule[step - 1],
-                          teacher_temp=sched["teacher_temp"], images_per_s=speed)
-                running.zero_()
-                tick, tick_step = time.time(), step
-            if step % args.save_every == 0 or stop:
-                save()
-            if stop:
-                common.exit_on_signal(stop, step, ckpt_path)
-        loader.sampler.skip = 0
-        save()
+    s = State(torch.compile(model_s) if args.compile else model_s, teacher, centers[0], centers[1], optimizer, scaler,
+              dtype, device)
+
+    for epoch, batch in loop.batches(loader):
+        if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
+            batch = device_views(batch, device)
+        lr = lr_schedule[loop.step]
+        optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
+        optimizer.param_groups[0]["weight_decay"] = wd_schedule[loop.step]
+        teacher_temp = float(temp_per_epoch[epoch])
+        losses = train_step(batch, s, epoch, m_schedule[loop.step], teacher_temp, args)
+        loop.end_step(losses, lr, teacher_temp=teacher_temp)
+    loop.save()
     # Downstream uses the teacher ViT, as DINO's evaluation scripts.
     if common.is_main():
         common.save_downstream(out / "downstream.pth", "adclr" if args.query_weight > 0 else "dino", args.arch,
                                teacher.vit, extra={"patch_size": args.patch_size, "img_size": args.global_size})
-    common.print0(f"done: step {step}/{total_steps}; checkpoint {ckpt_path}; downstream weights {out / 'downstream.pth'}")
+    common.print0(f"done: step {loop.step}/{loop.last_step}; checkpoint {loop.path}; downstream weights "
+                  f"{out / 'downstream.pth'}")
     if world > 1:
         dist.destroy_process_group()
     return student, teacher

@@ -1437,15 +1437,16 @@ class Loop:
         loop.save()
 
     `state`: the named modules a checkpoint holds; `extra`: tensors saved beside them, updated in
-    place (centers); `loss_names`: the names logged for the entries of the losses tensor, the last
-    name taking the remaining entries as a list (("loss", "head_losses") for a total and one loss
-    per head). After construction `loop.step` is the resumed step and `loop.checkpoint` the
+    place (centers); `loss_names`: the names logged for the first entries of the losses tensor,
+    `rest_name` the name of a list holding the entries after them (loss_names ("loss",), rest_name
+    "head_losses": a total and one loss per head). After construction `loop.step` is the resumed step and `loop.checkpoint` the
     checkpoint read (None on a fresh start)."""
 
     def __init__(self, out, state, optimizer, scaler, args, log, steps_per_epoch, device, extra=None,
-                 loss_names=("loss",)):
+                 loss_names=("loss",), rest_name=None):
         self.path, self.state, self.optimizer, self.scaler = Path(out) / "checkpoint.pth", state, optimizer, scaler
-        self.args, self.log, self.steps_per_epoch, self.extra, self.loss_names = args, log, steps_per_epoch, extra, loss_names
+        self.args, self.log, self.steps_per_epoch, self.extra = args, log, steps_per_epoch, extra
+        self.loss_names, self.rest_name = loss_names, rest_name
         self.step, self.checkpoint = resume(self.path, state, optimizer, scaler, device, args, log)
         total = args.epochs * steps_per_epoch
         self.last_step = min(total, args.max_steps) if getattr(args, "max_steps", None) is not None else total
@@ -1469,10 +1470,11 @@ class Loop:
             loader.sampler.skip = 0
             self.save()
 
-    def end_step(self, losses, lr):
+    def end_step(self, losses, lr, **logged):
         """After an optimizer step: count it, add its losses (a tensor: no host sync); at log points
-        stop on a non-finite loss or weight and log the mean since the last one; save every
-        --save-every steps; on SIGINT / SIGTERM save and exit."""
+        stop on a non-finite loss or weight and log the mean since the last one (with `logged`, the
+        step's values of other quantities); save every --save-every steps; on SIGINT / SIGTERM save
+        and exit."""
         losses = losses.detach().float().reshape(-1)
         self.running = losses.clone() if self.running is None else self.running + losses
         self.step += 1
@@ -1481,12 +1483,12 @@ class Loop:
             check_finite(self.running, self.state, self.step, self.path, (self.extra or {}).values())
             means = (mean_over_ranks(self.running) / (self.step - self.tick_step)).tolist()
             named = dict(zip(self.loss_names, means))
-            if len(means) > len(self.loss_names):  # the last name takes the rest as a list
-                named[self.loss_names[-1]] = means[len(self.loss_names) - 1:]
+            if self.rest_name is not None:
+                named[self.rest_name] = means[len(self.loss_names):]
             speed = (self.step - self.tick_step) * self.args.batch_size / (time.time() - self.tick)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{means[0]:.3f}", lr=f"{lr:.4g}", img_s=f"{speed:.1f}" if speed < 10 else f"{speed:.0f}")
-            self.log.write(step=self.step, epoch=self.epoch, **named, lr=lr, images_per_s=speed)
+            self.log.write(step=self.step, epoch=self.epoch, **named, lr=lr, **logged, images_per_s=speed)
             self.running, self.tick, self.tick_step = None, time.time(), self.step
         if self.step % self.args.save_every == 0 or stop:
             self.save()

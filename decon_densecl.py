@@ -39,7 +39,7 @@ of 65536 with one pooled dense key per image, T = 0.2, lambda = 0.5, MoCo v2 aug
 """
 import argparse
 import copy
-import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,20 @@ def get_args(argv=None):
     args.epochs = args.epochs if args.epochs is not None else (800 if coco else 200)
     args.lr = args.lr if args.lr is not None else (0.3 if coco else 0.03) * args.batch_size / 256
     return args
+
+
+# =================================================================================================
+# Data
+# =================================================================================================
+def build_data(args, device):
+    """Two independent MoCo v2 "aug-plus" views of every image, as DenseCL. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (common.py, section 7) its decoded batches go through."""
+    if args.gpu_augment:
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                common.MoCoV2Views(args.image_size))
+    dataset = common.build_pretrain_dataset(args, common.TwoViews(common.moco_v2_augmentation(args.image_size)))
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -283,20 +297,6 @@ def decon_losses(out_q, out_k, global_queue, dense_queues, weights, args):
 
 
 # =================================================================================================
-# Data
-# =================================================================================================
-def build_data(args, device):
-    """Two independent MoCo v2 "aug-plus" views of every image, as DenseCL. Returns the loader and, with --gpu-augment, the device-side
-    augmentation (common.py, section 7) its decoded batches go through."""
-    if args.gpu_augment:
-        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
-                common.MoCoV2Views(args.image_size))
-    dataset = common.build_pretrain_dataset(args, common.TwoViews(common.moco_v2_augmentation(args.image_size)))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
-
-
-# =================================================================================================
 # Train step
 # =================================================================================================
 def schedule(args, steps_per_epoch):
@@ -305,33 +305,46 @@ def schedule(args, steps_per_epoch):
     return common.cosine_schedule(args.lr, 0.0, args.epochs, steps_per_epoch, per_step=False)
 
 
-def train_step(views, model_q, net_k, global_queue, dense_queues, params_k, params_q, optimizer, scaler, weights,
-               args, dtype, device):
-    """One iteration: EMA, query/key forward (autocast), fp32 losses, update, enqueue. Returns the losses."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    x_q, x_k = (v.to(device, non_blocking=True, memory_format=memory_format) for v in views)  # (B, 3, H, W)
-    with common.autocast(device, dtype):
-        out_q = model_q(x_q)  # per head: (features, global or None, grid)
+class State(NamedTuple):
+    """What a step reads and updates, besides its views."""
+    net_q: nn.Module  # the query network (encoder + decoder) as trained (DDP / torch.compile wrap it)
+    net_k: nn.Module  # the key network: an EMA of the query network, never trained by gradients
+    global_queue: "Queue"  # the encoder head's keys of earlier batches
+    dense_queues: nn.ModuleList  # one queue of pooled dense keys per dense head
+    weights: list  # the heads' loss weights (head_weights)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 only
+    dtype: torch.dtype  # autocast dtype, None for fp32
+    device: torch.device
+
+
+def train_step(views, s, args):
+    """One iteration: EMA, query/key forward (autocast), fp32 losses, update, enqueue. Returns the
+    total loss and one per head, (1 + H,) (no host sync)."""
+    memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format
+    x_q, x_k = (v.to(s.device, non_blocking=True, memory_format=memory_format) for v in views)  # (B, 3, H, W)
+    with common.autocast(s.device, s.dtype):
+        out_q = s.net_q(x_q)  # per head: (features, global or None, grid)
         with torch.no_grad():
-            momentum_update(params_k, params_q, args.momentum)
+            momentum_update(list(s.net_k.parameters()), list(s.net_q.parameters()), args.momentum)
             if common.world_size() > 1:
                 x_k, unshuffle = batch_shuffle(x_k)
                 out_k = [[None if t is None else common.concat_all_gather(t.float())[unshuffle] for t in o]
-                         for o in net_k(x_k)]
+                         for o in s.net_k(x_k)]
             elif args.bn_splits > 1:  # shuffle BN emulated: the key of image n lands in a random BatchNorm group
-                perm = torch.randperm(x_k.shape[0], device=device)  # (B,)
-                out_k = [[None if t is None else t[torch.argsort(perm)] for t in o] for o in net_k(x_k[perm])]
+                perm = torch.randperm(x_k.shape[0], device=s.device)  # (B,)
+                out_k = [[None if t is None else t[torch.argsort(perm)] for t in o] for o in s.net_k(x_k[perm])]
             else:
-                out_k = net_k(x_k)
-    loss, per_head, global_keys, dense_keys = decon_losses(out_q, out_k, global_queue, dense_queues, weights, args)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    for queue, keys in zip(dense_queues, dense_keys):  # after backward: the loss graph has read the old queues
+                out_k = s.net_k(x_k)
+    loss, per_head, global_keys, dense_keys = decon_losses(out_q, out_k, s.global_queue, s.dense_queues, s.weights, args)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    for queue, keys in zip(s.dense_queues, dense_keys):  # after backward: the loss graph has read the old queues
         queue.push(common.concat_all_gather(keys))
     if global_keys is not None:
-        global_queue.push(common.concat_all_gather(global_keys))
+        s.global_queue.push(common.concat_all_gather(global_keys))
     return torch.cat([loss.detach().view(1), per_head])
 
 
@@ -348,14 +361,13 @@ def main(argv=None):
 
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
-    total_steps = args.epochs * steps_per_epoch
     lr_schedule = schedule(args, steps_per_epoch)
 
     net_q = Network(args)
     if world == 1:  # per-group BatchNorm statistics (encoder and decoder), as per-GPU ones under torchrun
         common.split_batchnorm(net_q, args.bn_splits)
     net_q = net_q.to(device)
-    net_k = copy.deepcopy(net_q).requires_grad_(False)  # the key encoder
+    net_k = copy.deepcopy(net_q).requires_grad_(False)  # the key network
     n_heads = len(net_q.heads)
     weights = head_weights(args, n_heads)
     global_queue = Queue(args.dim, args.queue_size).to(device)  # the encoder head's (unused with alpha = 0)
@@ -363,64 +375,38 @@ def main(argv=None):
     if device.type == "cuda":
         net_q.to(memory_format=torch.channels_last)
         net_k.to(memory_format=torch.channels_last)
-    params_q, params_k = list(net_q.parameters()), list(net_k.parameters())
-    common.seed_everything(args.seed + rank)  # from here on, each rank draws its own augmentations
+    # Every rank starts from the same weights and queues (seeded above); from here on each rank draws
+    # its own random numbers (augmentations, shuffles), or all ranks would see the same crops.
+    common.seed_everything(args.seed + rank)
     common.print0(f"DeCon over DenseCL | decoder {args.decoder}{' (ML)' if args.deep_supervision else ''} | {n_heads} "
                   f"heads, weights {[round(w, 3) for w in weights]} | {args.arch} {args.image_size}px | {world} x "
                   f"{args.batch_per_rank} images | lr {args.lr:g} | {args.epochs} epochs x {steps_per_epoch} steps | "
-                  f"amp {dtype} | device {device} | output {out}")
-    optimizer = torch.optim.SGD(params_q, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, foreach=True)
+                  f"{common.precision_name(dtype)} | device {device} | output {out}")
+    optimizer = torch.optim.SGD(net_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
+                                foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    ckpt_path = out / "checkpoint.pth"
-    state = {"net_q": net_q, "net_k": net_k, "global_queue": global_queue, "dense_queues": dense_queues}
-    step, _ = common.resume(ckpt_path, state, optimizer, scaler, device, args, log)
-    save = lambda: common.save_checkpoint(ckpt_path, state, optimizer, scaler, step, args,
-                                          losses=running)  # checks that nothing diverged first
-
+    loop = common.Loop(out, {"net_q": net_q, "net_k": net_k, "global_queue": global_queue, "dense_queues": dense_queues},
+                       optimizer, scaler, args, log, steps_per_epoch, device,
+                       rest_name="head_losses")  # resumes here if a checkpoint exists
     model_q = nn.parallel.DistributedDataParallel(net_q) if world > 1 else net_q
-    if args.compile:
-        model_q = torch.compile(model_q)
-    last_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    running, tick, tick_step = torch.zeros(1 + n_heads, device=device), time.time(), step
-    common.catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, exit
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip = (step - epoch * steps_per_epoch) * args.batch_per_rank  # mid-epoch resume
-        bar = common.progress(loader, epoch, args.epochs)
-        for views in bar:
-            if step >= last_step:
-                break
-            if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
-                views = device_views(views, device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_schedule[step]
-            running += train_step(views, model_q, net_k, global_queue, dense_queues, params_k, params_q, optimizer,
-                                  scaler, weights, args, dtype, device)
-            step += 1
-            stop = common.stop_requested()  # the same on every rank
-            if step % args.log_every == 0 or step == last_step or stop:
-                common.check_finite(running, state, step, ckpt_path)  # stops the run on NaN/inf
-                losses = (common.mean_over_ranks(running) / (step - tick_step)).tolist()
-                speed = (step - tick_step) * args.batch_size / (time.time() - tick)
-                bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr_schedule[step - 1]:.4f}", img_s=f"{speed:.0f}")
-                log.write(step=step, epoch=epoch, loss=losses[0], head_losses=losses[1:], lr=lr_schedule[step - 1],
-                          images_per_s=speed)
-                running.zero_()
-                tick, tick_step = time.time(), step
-            if step % args.save_every == 0 or stop:
-                save()
-            if stop:
-                common.exit_on_signal(stop, step, ckpt_path)
-        loader.sampler.skip = 0
-        save()
+    s = State(torch.compile(model_q) if args.compile else model_q, net_k, global_queue, dense_queues, weights, optimizer,
+              scaler, dtype, device)
+
+    for epoch, views in loop.batches(loader):
+        if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
+            views = device_views(views, device)
+        lr = lr_schedule[loop.step]
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        losses = train_step(views, s, args)  # (1 + H,): the total, then one per head
+        loop.end_step(losses, lr)
+    loop.save()
     # Downstream uses the query encoder and decoder, as DenseCL's conversion script.
     if common.is_main():
         common.save_downstream(out / "downstream.pth", "decon-densecl" if args.decoder != "none" else "densecl", args.arch,
                                net_q.encoder, net_q.decoder, net_q.decoder_config(args), extra={"framework": "densecl"})
-    common.print0(f"done: step {step}/{total_steps}; checkpoint {ckpt_path}; downstream weights {out / 'downstream.pth'}")
+    common.print0(f"done: step {loop.step}/{loop.last_step}; checkpoint {loop.path}; downstream weights "
+                  f"{out / 'downstream.pth'}")
     if world > 1:
         dist.destroy_process_group()
     return net_q, net_k, global_queue, dense_queues

@@ -55,12 +55,13 @@ def setup_moco(args, device, dtype):
     enc_q = common.split_batchnorm(moco.Encoder(a.arch, a.dim), a.bn_splits).to(device)  # as main() in one process
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
     queue = moco.Queue(a.dim, a.queue_size).to(device)
-    pq, pk = list(enc_q.parameters()), list(enc_k.parameters())
+    pq = list(enc_q.parameters())
     opt = torch.optim.SGD(pq, lr=0.03, momentum=0.9, weight_decay=1e-4, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     views = _views(2, args.batch_size, args.image_size, device)
     model_q = _prepare(device, args, enc_q, enc_k)
-    step = lambda: moco.train_step(views, model_q, enc_k, queue, pk, pq, opt, scaler, a, dtype, device)
+    state = moco.State(model_q, enc_k, queue, opt, scaler, dtype, device)
+    step = lambda: moco.train_step(views, state, a)
     nets = (lambda: model_q(_cl(views[0], device)), lambda: enc_k(_cl(views[1], device)), pq)
     return step, views[:1], views[1:], common.ResNetTrunk(args.arch), nets
 
@@ -72,12 +73,13 @@ def setup_densecl(args, device, dtype):
     enc_q = common.split_batchnorm(densecl.Encoder(a.arch, a.dim), a.bn_splits).to(device)  # as main() in one process
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
     queue, queue2 = densecl.Queue(a.dim, a.queue_size).to(device), densecl.Queue(a.dim, a.queue_size).to(device)
-    pq, pk = list(enc_q.parameters()), list(enc_k.parameters())
+    pq = list(enc_q.parameters())
     opt = torch.optim.SGD(pq, lr=0.03, momentum=0.9, weight_decay=1e-4, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     views = _views(2, args.batch_size, args.image_size, device)
     model_q = _prepare(device, args, enc_q, enc_k)
-    step = lambda: densecl.train_step(views, model_q, enc_k, queue, queue2, pk, pq, opt, scaler, 0.5, a, dtype, device)
+    state = densecl.State(model_q, enc_k, queue, queue2, opt, scaler, dtype, device)
+    step = lambda: densecl.train_step(views, state, a.dense_warmup_iters, a)  # past the warm-up: lambda 0.5
     nets = (lambda: model_q(_cl(views[0], device)), lambda: enc_k(_cl(views[1], device)), pq)
     return step, views[:1], views[1:], common.ResNetTrunk(args.arch), nets
 
@@ -139,8 +141,8 @@ def setup_adclr(args, device, dtype):
     queries = torch.randn(B, a.num_queries, 3, a.patch_size, a.patch_size, device=device)
     sched = {"momentum": 0.996, "teacher_temp": 0.04}
     model_s = torch.compile(student) if getattr(args, "compile", False) else student
-    step = lambda: adclr.train_step((globals_, locals_, queries), model_s, teacher, centers, pt, ps, opt, scaler, sched,
-                                    1, a, dtype, device)
+    state = adclr.State(model_s, teacher, centers[0], centers[1], opt, scaler, dtype, device)
+    step = lambda: adclr.train_step((globals_, locals_, queries), state, 1, sched["momentum"], sched["teacher_temp"], a)
     vit = common.ViT(a.arch, a.patch_size, a.global_size)
     nets = (lambda: model_s(globals_, locals_, queries), lambda: teacher(globals_, (), queries), ps)
     return step, globals_ + locals_, globals_, vit, nets

@@ -125,14 +125,13 @@ def _tiny_step(extra=()):
                            *extra])
     student = adclr.DINONet(args, drop_path=args.drop_path)
     teacher = __import__("copy").deepcopy(student).requires_grad_(False)
-    ps, pt = list(student.parameters()), list(teacher.parameters())
-    opt = torch.optim.AdamW([p for p in ps if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = ([torch.randn(4, 3, 32, 32) for _ in range(2)], [torch.randn(4, 3, 16, 16) for _ in range(2)],
              torch.randn(4, 3, 3, args.query_size, args.query_size))
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    out = adclr.train_step(batch, student, teacher, torch.zeros(2, 64), pt, ps, opt, scaler,
-                           {"momentum": 0.9, "teacher_temp": 0.04}, 1, args, None, torch.device("cpu"))
+    s = adclr.State(student, teacher, torch.zeros(64), torch.zeros(64), opt, scaler, None, torch.device("cpu"))
+    out = adclr.train_step(batch, s, 1, 0.9, 0.04, args)
     return before, student, args, out
 
 
