@@ -13,7 +13,7 @@ Contents (one banner section each, in this order):
                                       drop_path), VIT_ARCHS
  4. Synthetic scenes                  synthetic_scene, SyntheticScenes, SYNTHETIC_CLASSES
  5. Image folders (--data presets)    add_data_args, build_pretrain_dataset, ImageFiles, WarnOnce, open_rgb,
-                                      find_images, resolve_image_folders, default_data_root, DATA_LAYOUTS
+                                      find_images, count_by_subfolder, resolve_image_folders, default_data_root, DATA_LAYOUTS
  6. Augmentations on the CPU          moco_v2_augmentation, byol_augmentations, TwoViews, blur_kernel
  7. Augmentations on the device       DecodeOnly, pad_collate (workers); device_images, crop_params,
     (--gpu-augment)                   resized_crops, device_crops, device_colour, MOCO_COLOUR,
@@ -525,8 +525,39 @@ def default_data_root():
 
 
 def find_images(folder):
-    """Sorted list of image files below `folder` (recursive, by extension)."""
-    return sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Sorted list of image files below `folder` (recursive, by extension). Symlinked folders are
+    followed (ImageNet subsets are usually built from links to class folders), each real folder
+    once, so that a link loop (`ln -s . loop`) ends and a folder linked twice is not counted twice."""
+    seen, files = set(), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()  # the first path to a folder reached twice is the same in every run
+        files += [os.path.join(root, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(files)
+
+
+def count_by_subfolder(folders, files):
+    """' (a/: 6, b/: 16)': the images per top-level subfolder (per folder for several --data folders)
+    when there are several, so that a class folder or a link with fewer images than expected shows;
+    with more than 12, the range and the smallest. '' for one."""
+    counts = {}
+    for folder in map(str, folders):
+        prefix = os.path.join(folder, "")
+        for f in files:
+            if f.startswith(prefix):
+                rest = f[len(prefix):]
+                key = folder if len(folders) > 1 else rest.split(os.sep)[0] + "/" if os.sep in rest else "./"
+                counts[key] = counts.get(key, 0) + 1
+    if len(counts) <= 1:
+        return ""
+    if len(counts) <= 12:
+        return f" ({', '.join(f'{k}: {n}' for k, n in counts.items())})"
+    fewest = min(counts, key=counts.get)
+    return f" in {len(counts)} subfolders, {counts[fewest]} to {max(counts.values())} each (fewest: {fewest})"
 
 
 def resolve_image_folders(data, data_root):
@@ -614,6 +645,7 @@ def build_pretrain_dataset(args, transform):
         raise SystemExit(
             f"--data {args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
             f"{', '.join(map(str, folders))}. Expected layout: {expected}.")
+    print0(f"--data {args.data}: {len(files)} images" + count_by_subfolder(folders, files))
     first_error = None
     for path in files:  # one readable image is enough to start (usually the first); none is an error now,
         try:            # not a crash in a loader worker later
