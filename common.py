@@ -6,7 +6,7 @@ reads on its own. What only the evaluation or the benchmarks use lives with them
 benchmarks/), not here.
 
 Contents (one banner section each, in this order):
- 1. Distributed (torchrun) helpers    init_distributed, is_main, print0, world_size, concat_all_gather,
+ 1. Distributed (torchrun) helpers    init_distributed, fail, is_main, print0, world_size, concat_all_gather,
                                       sync_batchnorm
  2. Shuffle BN in one process         add_bn_splits_arg, check_bn_splits, SplitBatchNorm2d, split_batchnorm
  3. Backbones                         RESNET_ARCHS, ResNetTrunk (C2-C5), FPN, ViT (Attention, Block,
@@ -24,9 +24,11 @@ Contents (one banner section each, in this order):
 10. Arguments                         split_batch, add_run_args, check_args, check_image_size
 11. Logging, stop signals, divergence progress, JsonLog, mean_over_ranks, catch_stop_signals,
                                       stop_requested, exit_on_signal, check_finite
-12. Output folder and checkpoints     prepare_output, write_run_record, save_checkpoint, resume,
-                                      NEUTRAL_ARGS, load_checkpoint, CheckpointError, save_downstream
+12. Output folder and checkpoints     prepare_output, check_writable, lock_output, write_run_record,
+                                      save_checkpoint, save_atomic, resume, NEUTRAL_ARGS, load_checkpoint,
+                                      CheckpointError, save_downstream
 """
+import atexit
 import functools
 import json
 import math
@@ -35,6 +37,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -80,6 +83,13 @@ def init_distributed():
         # the ranks agree on stop signals every step over this CPU group: no GPU synchronisation
         _RUN["cpu_group"] = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     return rank, world, device
+
+
+def fail(message):
+    """Stop the run with `message` (SystemExit), printed by one process per node: under torchrun every
+    rank meets the same bad input, and the ranks of one node see the same files (a node whose files
+    differ still says so). The other ranks exit with status 1, silently."""
+    raise SystemExit(message if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
 
 
 def is_main():
@@ -1274,12 +1284,98 @@ def check_finite(losses, modules, step, path, extra=()):
 # 12. Output folder, checkpoints, resume, downstream weights
 # =================================================================================================
 def prepare_output(args, script):
-    """The --output-dir path, and the script whose copy goes into it. Nothing is written yet:
-    write_run_record (called by resume once the run has started or resumed) creates the folder,
-    args.json and the copy, so a refused or failed start leaves nothing behind and an existing
-    run's records as they were."""
+    """The --output-dir path, and the script whose copy goes into it, once rank 0 has checked that
+    the folder can be written (check_writable: before any data or model is built). Nothing is
+    written yet: resume creates and locks the folder (lock_output) and write_run_record writes
+    args.json and the copy once the run has started or resumed, so a refused or failed start
+    leaves nothing behind and an existing run's records as they were."""
     _RUN["script"] = script
+    if is_main():
+        check_writable(args.output_dir)
     return Path(args.output_dir)
+
+
+def check_writable(out):
+    """Refuse, with one line, an output folder that cannot be written: an existing file, a path
+    below a regular file, or a folder (or, if it does not exist yet, its nearest existing parent)
+    where no file can be created. Creates nothing: the probe is an unnamed temporary file."""
+    out = Path(out)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        fail(f"--output-dir {out}: {'it is' if probe == out else f'{probe} is'} a file, not a folder. "
+             f"Choose another --output-dir.")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        fail(f"--output-dir {out}: cannot create files in {probe} ({e.strerror}). Choose a folder you can write, "
+             f"or make it writable.")
+
+
+# The lock is a file created with O_EXCL that holds pid@host, not an flock(): O_EXCL creation is atomic on
+# NFS (v3 and later), Lustre and GPFS, where flock may be unsupported or local to one node, and the file
+# names its holder. A holder killed with -9 leaves it behind: on the same host its pid is gone and the
+# lock is taken over; from another host that cannot be checked, and the message says which file to remove.
+LOCK_NAME = "run.lock"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _release_lock(path, me):
+    try:
+        if path.read_text() == me:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def lock_output(out):
+    """Rank 0 creates the output folder and takes its lock (LOCK_NAME, released when the process
+    exits): a second run into the same folder is refused with one line naming the holder, so two
+    runs never write the same checkpoint. A lock left by a dead process on this host is taken over."""
+    out, host = Path(out), socket.gethostname()
+    me, path = f"{os.getpid()}@{host}", Path(out) / LOCK_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output-dir {out}: cannot create it ({e.strerror}). Choose a folder you can write.")
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = path.read_text().strip()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if holder == me:  # this process already holds it (main() called twice, as in the tests)
+                return
+            pid, _, holder_host = holder.partition("@")
+            if holder_host == host and pid.isdigit() and not _process_alive(int(pid)):
+                print0(f"{path}: process {pid} that held it is gone (killed?): taking the lock over")
+                path.unlink(missing_ok=True)
+                continue
+            gone = f"if it is gone (its host {holder_host} is not this one, {host}, so this cannot be checked), " \
+                if holder_host != host else "if it is gone, "
+            fail(f"--output-dir {out} is in use by another run (process {holder}, {path}): wait for it to finish, "
+                 f"choose another --output-dir, or, {gone}remove {path}.")
+        except OSError as e:
+            fail(f"--output-dir {out}: cannot create files in it ({e.strerror}). Choose a folder you can write.")
+        else:
+            os.write(fd, me.encode())
+            os.close(fd)
+            atexit.register(_release_lock, path, me)
+            return
+    fail(f"--output-dir {out}: could not take its lock {path} (other runs are starting there at the same time)")
 
 
 def write_run_record(out, args):
@@ -1394,7 +1490,8 @@ def resume(path, modules, optimizer, scaler, device, args, log=None):
     or None)."""
     path = Path(path)
     prev = path.with_name(path.stem + ".prev.pth")
-    if is_main() and path.parent.is_dir():
+    if is_main():
+        lock_output(path.parent)  # before anything in the folder is touched: another run may be writing it
         for stale in path.parent.glob("*.tmp"):  # left by a write that was killed
             stale.unlink()
     if not path.exists() and prev.exists():

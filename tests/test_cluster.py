@@ -4,12 +4,16 @@ messages that say what is wrong once."""
 import argparse
 import errno
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
 import common
+from conftest import REPO
 
 
 def _args(data, root, **kw):
@@ -34,3 +38,88 @@ def test_images_below_symlinked_folders_are_found_once_and_counted(tmp_path, cap
     assert len(files) == 22 and len({os.path.realpath(f) for f in files}) == 22
     assert len(common.build_pretrain_dataset(_args(str(tmp_path / "data"), tmp_path), None)) == 22
     assert "22 images (linked/: 16, real/: 6)" in capsys.readouterr().out
+
+
+# ---- 2. one run per output folder ---------------------------------------------------------------
+def _resume_args(out):
+    return argparse.Namespace(output_dir=str(out), allow_arg_changes=False, lr=0.1)
+
+
+def _resume(out):
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    return common.resume(out / "checkpoint.pth", {"net": net}, opt, torch.amp.GradScaler("cpu", enabled=False),
+                         "cpu", _resume_args(out))
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "30"])  # a live process of this host holds the folder
+    try:
+        (out / common.LOCK_NAME).write_text(f"{holder.pid}@{socket.gethostname()}")
+        (out / "checkpoint.pth.tmp").write_text("being written by the other run")
+        with pytest.raises(SystemExit) as e:
+            _resume(out)
+        assert f"in use by another run (process {holder.pid}@{socket.gethostname()}" in str(e.value)
+        assert "\n" not in str(e.value) and (out / "checkpoint.pth.tmp").exists()  # its write untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed (-9: no clean-up): its lock is stale and taken over, with a line saying so
+    assert _resume(out) == (0, None)
+    assert (out / common.LOCK_NAME).read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    assert not (out / "checkpoint.pth.tmp").exists() and (out / "args.json").exists()
+    assert _resume(out) == (0, None)  # this process again (main() called twice in one test): its own lock
+
+
+def test_lock_is_released_when_the_run_exits(tmp_path, monkeypatch):
+    at_exit = []
+    monkeypatch.setattr(common.atexit, "register", lambda fn, *a: at_exit.append((fn, a)))
+    common.lock_output(tmp_path / "run")
+    assert (tmp_path / "run" / common.LOCK_NAME).exists() and len(at_exit) == 1
+    fn, a = at_exit[0]
+    fn(*a)  # what the interpreter calls at exit
+    assert not (tmp_path / "run" / common.LOCK_NAME).exists()
+
+
+def _mount_tmpfs(where, size):
+    """Mount a tmpfs of `size` at `where` (root in a container that permits it); False where not permitted."""
+    where.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+# ---- 4. output folders that cannot be written -----------------------------------------------------
+def test_unwritable_output_dir_is_one_line_before_anything_runs(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cases = {tmp_path / "file" / "run": "file is a file, not a folder",  # below a regular file
+             tmp_path / "file": "it is a file, not a folder"}  # an existing file
+    for out, says in cases.items():
+        with pytest.raises(SystemExit) as e:
+            common.prepare_output(argparse.Namespace(output_dir=str(out)), __file__)
+        assert says in str(e.value) and "\n" not in str(e.value)
+    assert common.prepare_output(argparse.Namespace(output_dir=str(tmp_path / "a" / "b")), __file__) == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()  # the check creates nothing
+
+
+def test_read_only_run_folder_is_refused_before_training(tmp_path):
+    ro = tmp_path / "ro"
+    if os.geteuid() == 0:  # root writes into a chmod 555 folder: a read-only mount instead
+        if not _mount_tmpfs(ro, "1m"):
+            pytest.skip("root ignores a read-only mode, and mount is not permitted here")
+        (ro / "args.json").write_text("{}")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    else:
+        ro.mkdir()
+        (ro / "args.json").write_text("{}")
+        ro.chmod(0o555)
+    try:
+        for out in (ro / "new", ro):  # a read-only parent, an existing read-only run folder
+            with pytest.raises(SystemExit, match=r"cannot create files in .*ro \((Permission denied|Read-only file system)\)"):
+                common.prepare_output(argparse.Namespace(output_dir=str(out)), __file__)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)])
+        else:
+            ro.chmod(0o755)
