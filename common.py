@@ -24,11 +24,12 @@ Contents (one banner section each, in this order):
 10. Arguments                         split_batch, add_run_args, check_args, check_image_size
 11. Logging, stop signals, divergence progress, JsonLog, mean_over_ranks, catch_stop_signals,
                                       stop_requested, exit_on_signal, check_finite
-12. Output folder and checkpoints     prepare_output, check_writable, lock_output, write_run_record,
-                                      save_checkpoint, save_atomic, resume, NEUTRAL_ARGS, load_checkpoint,
-                                      CheckpointError, save_downstream
+12. Output folder and checkpoints     prepare_output, check_writable, lock_output, release_lock,
+                                      write_run_record, save_checkpoint, save_atomic, resume, NEUTRAL_ARGS,
+                                      load_checkpoint, CheckpointError, save_downstream
 """
 import atexit
+import errno
 import functools
 import json
 import math
@@ -1331,9 +1332,11 @@ def _process_alive(pid):
     return True
 
 
-def _release_lock(path, me):
+def release_lock(out):
+    """Remove the output folder's lock if this process holds it (at exit, or when a resume is refused)."""
+    path = Path(out) / LOCK_NAME
     try:
-        if path.read_text() == me:
+        if path.read_text() == f"{os.getpid()}@{socket.gethostname()}":
             path.unlink()
     except OSError:
         pass
@@ -1373,7 +1376,7 @@ def lock_output(out):
         else:
             os.write(fd, me.encode())
             os.close(fd)
-            atexit.register(_release_lock, path, me)
+            atexit.register(release_lock, out)
             return
     fail(f"--output-dir {out}: could not take its lock {path} (other runs are starting there at the same time)")
 
@@ -1388,11 +1391,43 @@ def write_run_record(out, args):
             shutil.copy(_RUN["script"], out / Path(_RUN["script"]).name)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+class _ByteCounter:
+    """A file that only counts what is written to it: the size a checkpoint needs on disk."""
+    size = 0
+
+    def write(self, b):
+        self.size += memoryview(b).nbytes
+        return memoryview(b).nbytes
+
+    def flush(self):
+        pass
+
+
+def save_atomic(obj, path, prev=None):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file, and
+    `path` stays as it was until the new file is complete (then it becomes `prev`, if given). A full
+    disk or quota stops the run with one line saying where and how much the file needs; a failed
+    write's partial file is removed (it would keep the disk full)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        with open(tmp, "wb") as f:  # a file object: a failed write's OSError, with its errno, is the context
+            torch.save(obj, f)      # of torch's RuntimeError (given a path, torch says only "enforce fail ...")
+    except BaseException as e:      # Ctrl-C included: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            counter = _ByteCounter()
+            torch.save(obj, counter)
+            kept = f" {path}, the last complete one, is kept." if path.exists() else ""
+            fail(f"disk full: cannot write {path}: it needs {counter.size / 1e6:.1f} MB, "
+                 f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB are free there ({cause.strerror}).{kept} "
+                 f"Free some space (or choose an --output-dir on another disk) and rerun the same command to resume.")
+        raise
+    if prev is not None and path.exists():
+        os.replace(path, prev)
     os.replace(tmp, path)
 
 
@@ -1456,8 +1491,9 @@ def set_rng_state(state):
 def save_checkpoint(path, modules, optimizer, scaler, step, args, extra=None, losses=None):
     """Check that nothing is non-finite (every rank, see check_finite), then save atomically on rank
     0: named modules' state dicts, optimizer, GradScaler, step, args and every rank's RNG states.
-    The checkpoint it replaces is kept as checkpoint.prev.pth. A second save of the same step (the
-    end of an epoch that also hit --save-every) is skipped, so that .prev stays one save back."""
+    The checkpoint it replaces is kept as checkpoint.prev.pth once the new one is complete (a full
+    disk leaves it as checkpoint.pth). A second save of the same step (the end of an epoch that also
+    hit --save-every) is skipped, so that .prev stays one save back."""
     if _RUN["saved"].get(str(path)) == step:
         return
     check_finite(losses if losses is not None else torch.zeros(1), modules, step, path, (extra or {}).values())
@@ -1467,10 +1503,12 @@ def save_checkpoint(path, modules, optimizer, scaler, step, args, extra=None, lo
         dist.all_gather_object(rngs, rng_state())
     if is_main():
         path = Path(path)
-        if path.exists():
-            os.replace(path, path.with_name(path.stem + ".prev.pth"))
+        prev = path.with_name(path.stem + ".prev.pth")
+        if path.exists():  # the disk holds two checkpoints at most: the last complete one and the new one
+            prev.unlink(missing_ok=True)
         save_atomic({**{k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "args": vars(args), "rng": rngs, **(extra or {})}, path)
+                     "scaler": scaler.state_dict(), "step": step, "args": vars(args), "rng": rngs, **(extra or {})},
+                    path, prev)
     _RUN["saved"][str(path)] = step
 
 
@@ -1489,11 +1527,23 @@ def resume(path, modules, optimizer, scaler, device, args, log=None):
     the run's records (write_run_record) once it has started or resumed. Returns (step, checkpoint
     or None)."""
     path = Path(path)
-    prev = path.with_name(path.stem + ".prev.pth")
     if is_main():
         lock_output(path.parent)  # before anything in the folder is touched: another run may be writing it
         for stale in path.parent.glob("*.tmp"):  # left by a write that was killed
             stale.unlink()
+    try:
+        step, ckpt = _restore(path, modules, optimizer, scaler, device, args, log)
+    except SystemExit:  # a refused resume: the folder is free again for the corrected command
+        if is_main():
+            release_lock(path.parent)
+        raise
+    write_run_record(path.parent, args)
+    return step, ckpt
+
+
+def _restore(path, modules, optimizer, scaler, device, args, log):
+    """resume's reading of the checkpoint: (step, checkpoint), or (0, None) for a new run."""
+    prev = path.with_name(path.stem + ".prev.pth")
     if not path.exists() and prev.exists():
         print0(f"{path} is missing but {prev} exists (a save was cut short): resuming from it")
         path = prev
@@ -1528,7 +1578,6 @@ def resume(path, modules, optimizer, scaler, device, args, log=None):
         if log is not None:
             log.truncate(ckpt["step"])
         print0(f"resumed from {path} at step {ckpt['step']}" + (f" (changed: {', '.join(changed)})" if changed else ""))
-    write_run_record(path.parent, args)
     return (ckpt["step"], ckpt) if ckpt is not None else (0, None)
 
 

@@ -71,6 +71,10 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(tmp_path
     assert (out / common.LOCK_NAME).read_text() == f"{os.getpid()}@{socket.gethostname()}"
     assert not (out / "checkpoint.pth.tmp").exists() and (out / "args.json").exists()
     assert _resume(out) == (0, None)  # this process again (main() called twice in one test): its own lock
+    (out / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read"):
+        _resume(out)
+    assert not (out / common.LOCK_NAME).exists()  # a refused start frees the folder for the corrected command
 
 
 def test_lock_is_released_when_the_run_exits(tmp_path, monkeypatch):
@@ -120,6 +124,69 @@ def test_read_only_run_folder_is_refused_before_training(tmp_path):
                 common.prepare_output(argparse.Namespace(output_dir=str(out)), __file__)
     finally:
         if os.geteuid() == 0:
-            subprocess.run(["umount", str(ro)])
+            subprocess.run(["umount", "-l", str(ro)])
         else:
             ro.chmod(0o755)
+
+
+# ---- 3. a full disk ------------------------------------------------------------------------------
+def _save(path, step, size=250_000):
+    """save_checkpoint of a ~1 MB module at `step`."""
+    net = torch.nn.Linear(size, 1, bias=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    common.save_checkpoint(path, {"net": net}, opt, torch.amp.GradScaler("cpu", enabled=False), step,
+                           argparse.Namespace(lr=0.1))
+
+
+def _assert_full_disk_kept_the_last_checkpoint(error, ckpt, step, need):
+    assert f"disk full: cannot write {ckpt}: it needs {need / 1e6:.1f} MB" in str(error.value)
+    assert "\n" not in str(error.value) and "is kept" in str(error.value)
+    assert common.load_checkpoint(ckpt)["step"] == step  # the last complete checkpoint, not the half-written one
+    assert not ckpt.with_name("checkpoint.pth.tmp").exists()  # the partial file no longer fills the disk
+
+
+def test_full_disk_in_the_writer_keeps_the_checkpoint_and_says_so(tmp_path, monkeypatch):
+    ckpt = tmp_path / "checkpoint.pth"
+    _save(ckpt, 1)
+    _save(ckpt, 2)
+    assert common.load_checkpoint(tmp_path / "checkpoint.prev.pth")["step"] == 1  # the rotation still works
+
+    class FullAfter:  # the real file, until 300 kB are written: then ENOSPC, as a full disk
+        def __init__(self, path, mode):
+            self.f, self.written = open(path, mode), 0
+
+        def write(self, b):
+            if self.written + memoryview(b).nbytes > 300_000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += self.f.write(b)
+            return memoryview(b).nbytes
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(common, "open", FullAfter, raising=False)
+    with pytest.raises(SystemExit) as e:
+        _save(ckpt, 3)
+    _assert_full_disk_kept_the_last_checkpoint(e, ckpt, 2, os.path.getsize(ckpt))  # as large as the last one
+
+
+def test_full_tmpfs_keeps_the_checkpoint_and_says_so(tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "2560k"):
+        pytest.skip("mount is not permitted here (the writer test above covers the code path)")
+    try:
+        ckpt = disk / "checkpoint.pth"
+        _save(ckpt, 1)
+        _save(ckpt, 2)
+        _save(ckpt, 3)  # two 1 MB checkpoints fit in 2.5 MB: the rotation holds two at most
+        with pytest.raises(SystemExit) as e:  # a 2 MB one does not, beside the last one
+            _save(ckpt, 4, size=500_000)
+        _assert_full_disk_kept_the_last_checkpoint(e, ckpt, 3, 500_000 * 4)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])  # lazy: a failure's traceback may hold a file open
