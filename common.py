@@ -6,8 +6,8 @@ reads on its own. What only the evaluation or the benchmarks use lives with them
 benchmarks/), not here.
 
 Contents (one banner section each, in this order):
- 1. Distributed (torchrun) helpers    init_distributed, fail, is_main, print0, world_size, concat_all_gather,
-                                      sync_batchnorm
+ 1. Distributed (torchrun) helpers    torchrun_world, init_distributed, fail, is_main, print0, world_size,
+                                      concat_all_gather, sync_batchnorm
  2. Shuffle BN in one process         add_bn_splits_arg, check_bn_splits, SplitBatchNorm2d, split_batchnorm
  3. Backbones                         RESNET_ARCHS, ResNetTrunk (C2-C5), FPN, ViT (Attention, Block,
                                       drop_path), VIT_ARCHS
@@ -29,6 +29,7 @@ Contents (one banner section each, in this order):
                                       load_checkpoint, CheckpointError, save_downstream
 """
 import atexit
+import datetime
 import errno
 import functools
 import json
@@ -41,6 +42,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import weakref
@@ -69,9 +71,31 @@ _RUN = {"stop": 0, "pid": None, "cpu_group": None, "saved": {}, "script": None}
 # =================================================================================================
 # 1. Distributed (torchrun) helpers
 # =================================================================================================
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
+RENDEZVOUS_NOTICE_S = 10  # a rendezvous that takes longer says that it waits, and for whom
+
+
+def torchrun_world():
+    """WORLD_SIZE, once checked that torchrun's other variables come with it: a job script that
+    exports WORLD_SIZE alone would make a plain `python x.py` fail (or wait) for ranks never started."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise SystemExit(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes: unset it for one "
+                         f"process, or launch with torchrun") from None
+    missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+    if world > 1 and missing:
+        raise SystemExit(f"WORLD_SIZE={world} is set, but not {', '.join(missing)}: an incomplete torchrun "
+                         f"environment (exported by a job script?). Launch with `torchrun --nproc_per_node={world} "
+                         f"{Path(sys.argv[0]).name} ...`, or unset WORLD_SIZE for one process.")
+    return world
+
+
 def init_distributed():
-    """Join the torchrun process group if RANK/WORLD_SIZE are set; return (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """Join the torchrun process group if WORLD_SIZE > 1 (with RANK, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT); return (rank, world, device). $DIST_TIMEOUT (seconds, default 600, torch's NCCL
+    default) bounds the wait for all ranks to meet, and every collective after it."""
+    world = torchrun_world()
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -80,7 +104,23 @@ def init_distributed():
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        timeout = float(os.environ.get("DIST_TIMEOUT", 600))
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        notice = threading.Timer(RENDEZVOUS_NOTICE_S, print, [
+            f"rank {rank}: waiting for all {world} processes to meet at {where} (gives up after DIST_TIMEOUT="
+            f"{timeout:g} s)"], {"file": sys.stderr, "flush": True})
+        notice.daemon = True
+        if local_rank == 0:  # one line per node
+            notice.start()
+        try:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                    timeout=datetime.timedelta(seconds=timeout))
+        except (RuntimeError, ValueError) as e:  # the store's timeout (DistStoreError), a bad address or port
+            fail(f"rank {rank}: the {world} processes did not all meet at {where} within DIST_TIMEOUT={timeout:g} s "
+                 f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). Check that every rank was "
+                 f"started (torchrun --nnodes, --nproc_per_node) and that MASTER_ADDR is reachable from every node.")
+        finally:
+            notice.cancel()
         # the ranks agree on stop signals every step over this CPU group: no GPU synchronisation
         _RUN["cpu_group"] = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     return rank, world, device
@@ -1120,7 +1160,7 @@ def seed_everything(seed):
 # =================================================================================================
 def split_batch(parser, args):
     """Set args.world_size (from torchrun) and args.batch_per_rank; --batch-size is the global batch."""
-    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.world_size = torchrun_world()
     if args.batch_size % args.world_size:
         parser.error(f"--batch-size {args.batch_size} must be divisible by the {args.world_size} processes")
     args.batch_per_rank = args.batch_size // args.world_size

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -190,3 +191,38 @@ def test_full_tmpfs_keeps_the_checkpoint_and_says_so(tmp_path):
         _assert_full_disk_kept_the_last_checkpoint(e, ckpt, 3, 500_000 * 4)
     finally:
         subprocess.run(["umount", "-l", str(disk)])  # lazy: a failure's traceback may hold a file open
+
+
+# ---- 5. a stray torchrun environment --------------------------------------------------------------
+def test_a_stray_world_size_says_what_is_missing(monkeypatch):
+    import moco
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a job script that exports it, without torchrun
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    says = "WORLD_SIZE=2 is set, but not RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: an incomplete torchrun"
+    for stop in (common.init_distributed, lambda: moco.get_args(["--batch-size", "8"])):
+        with pytest.raises(SystemExit) as e:
+            stop()
+        assert says in str(e.value) and "unset WORLD_SIZE" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_rendezvous_that_waits_says_so_and_times_out(monkeypatch, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(WORLD_SIZE=2, RANK=0, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                            DIST_TIMEOUT=2).items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(common, "RENDEZVOUS_NOTICE_S", 0.5, raising=False)
+    stopped = []
+
+    def rank0():  # rank 1 never comes
+        try:
+            common.init_distributed()
+        except SystemExit as e:
+            stopped.append(str(e))
+    waiting = threading.Thread(target=rank0, daemon=True)  # a thread: the old code waited 30 min
+    waiting.start()
+    waiting.join(30)
+    assert stopped and f"the 2 processes did not all meet at 127.0.0.1:{port} within DIST_TIMEOUT=2 s" in stopped[0]
+    assert f"rank 0: waiting for all 2 processes to meet at 127.0.0.1:{port}" in capsys.readouterr().err
