@@ -466,7 +466,8 @@ def main(argv=None):
                 common.check_finite(running, state, step, ckpt_path)  # stops the run on NaN/inf
                 loss, l_dino, l_query = (common.mean_over_ranks(running) / (step - tick_step)).tolist()
                 speed = (step - tick_step) * args.batch_size / (time.time() - tick)
-                bar.set_postfix(loss=f"{loss:.3f}", query=f"{l_query:.3f}", lr=f"{lr_schedule[step - 1]:.2e}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", query=f"{l_query:.3f}", lr=f"{lr_schedule[step - 1]:.2e}",
+                                img_s=common.format_rate(speed))
                 log.write(step=step, epoch=epoch, loss=loss, loss_dino=l_dino, loss_query=l_query, lr=lr_schedule[step - 1],
                           teacher_temp=sched["teacher_temp"], images_per_s=speed)
                 running.zero_()

@@ -13,7 +13,8 @@ Contents (one banner section each, in this order):
                                       drop_path), VIT_ARCHS
  4. Synthetic scenes                  synthetic_scene, SyntheticScenes, SYNTHETIC_CLASSES
  5. Image folders (--data presets)    add_data_args, build_pretrain_dataset, ImageFiles, WarnOnce, open_rgb,
-                                      find_images, count_by_subfolder, resolve_image_folders, default_data_root, DATA_LAYOUTS
+                                      find_images, count_by_subfolder, resolve_image_folders, default_data_root,
+                                      DATA_LAYOUTS
  6. Augmentations on the CPU          moco_v2_augmentation, byol_augmentations, TwoViews, blur_kernel
  7. Augmentations on the device       DecodeOnly, pad_collate (workers); device_images, crop_params,
     (--gpu-augment)                   resized_crops, device_crops, device_colour, MOCO_COLOUR,
@@ -22,7 +23,7 @@ Contents (one banner section each, in this order):
  9. Schedules, LARS, precision        cosine_schedule, momentum_schedule, LARS, lars_param_groups,
                                       amp_dtype, autocast, fp32, seed_everything
 10. Arguments                         split_batch, add_run_args, check_args, check_image_size
-11. Logging, stop signals, divergence progress, JsonLog, mean_over_ranks, catch_stop_signals,
+11. Logging, stop signals, divergence progress, format_rate, JsonLog, mean_over_ranks, catch_stop_signals,
                                       stop_requested, exit_on_signal, check_finite
 12. Output folder and checkpoints     prepare_output, check_writable, lock_output, release_lock,
                                       write_run_record, save_checkpoint, save_atomic, resume, NEUTRAL_ARGS,
@@ -619,10 +620,12 @@ def resolve_image_folders(data, data_root):
     else:
         folders, expected = [Path(data)], f"{data}/**/*.jpg (any folder of images, searched recursively)"
     for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            fail(f"--data {data}: {folder} is a file, not a folder. Give the folder that holds the images "
+                 f"({expected}), or use --data synthetic.")
         if not folder.is_dir():
-            raise SystemExit(
-                f"--data {data}: folder {folder} does not exist. Expected layout: {expected}. "
-                f"Set --data-root (or $DATA_ROOT) to the folder that holds it, or use --data synthetic.")
+            fail(f"--data {data}: folder {folder} does not exist. Expected layout: {expected}. "
+                 f"Set --data-root (or $DATA_ROOT) to the folder that holds it, or use --data synthetic.")
     return folders, expected
 
 
@@ -664,10 +667,11 @@ class WarnOnce:
 
 class ImageFiles(Dataset):
     """Images from a list of files; an unreadable image is skipped for the next, with one warning per
-    file for the whole run."""
+    file for the whole run. An image with a side below `min_side` (the crop) warns once for the run:
+    its crops are upsampled (a 1 x 1 image gives flat views)."""
 
-    def __init__(self, files, transform=None):
-        self.files, self.transform, self.warn_once = files, transform, WarnOnce()
+    def __init__(self, files, transform=None, min_side=0):
+        self.files, self.transform, self.min_side, self.warn_once = files, transform, min_side, WarnOnce()
 
     def __len__(self):
         return len(self.files)
@@ -682,6 +686,10 @@ class ImageFiles(Dataset):
                 self.warn_once(path, f"skipping unreadable image {path}: {type(e).__name__}: {e}")
         else:
             raise RuntimeError("no readable image in the dataset")
+        if min(img.size) < self.min_side:
+            self.warn_once("small", f"{path} is {img.width} x {img.height} px, smaller than the {self.min_side}-px "
+                                    f"crop: its crops are upsampled (this warning is shown once; other images may be "
+                                    f"small too)")
         return self.transform(img) if self.transform else img
 
 
@@ -693,9 +701,8 @@ def build_pretrain_dataset(args, transform):
     folders, expected = resolve_image_folders(args.data, args.data_root)
     files = [f for folder in folders for f in find_images(folder)]
     if not files:
-        raise SystemExit(
-            f"--data {args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
-            f"{', '.join(map(str, folders))}. Expected layout: {expected}.")
+        fail(f"--data {args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
+             f"{', '.join(map(str, folders))}. Expected layout: {expected}.")
     print0(f"--data {args.data}: {len(files)} images" + count_by_subfolder(folders, files))
     first_error = None
     for path in files:  # one readable image is enough to start (usually the first); none is an error now,
@@ -705,9 +712,9 @@ def build_pretrain_dataset(args, transform):
         except Exception as e:
             first_error = first_error or f"{path}: {type(e).__name__}: {e}"
     else:
-        raise SystemExit(f"--data {args.data}: none of the {len(files)} image files below "
-                         f"{', '.join(map(str, folders))} can be read (the first: {first_error}).")
-    return ImageFiles(files, transform)
+        fail(f"--data {args.data}: none of the {len(files)} image files below "
+             f"{', '.join(map(str, folders))} can be read (the first: {first_error}).")
+    return ImageFiles(files, transform, min_side=args.image_size)
 
 
 def add_data_args(parser):
@@ -1041,8 +1048,9 @@ def make_loader(dataset, batch_size, workers, seed, device, collate_fn=None):
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed + rank))
     if len(loader) == 0:
-        raise SystemExit(f"{len(dataset)} images are fewer than one global batch of {batch_size * world_size()}: "
-                         f"lower --batch-size or use more data (--synthetic-len)")
+        more = "raise --synthetic-len" if isinstance(dataset, SyntheticScenes) else "add images"
+        fail(f"{len(dataset)} images are fewer than one global batch of {batch_size * world_size()}: "
+             f"lower --batch-size or {more}")
     return loader
 
 
@@ -1218,6 +1226,11 @@ def progress(loader, epoch, epochs):
     """tqdm bar over one epoch, shown on rank 0 only."""
     return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not is_main(), dynamic_ncols=True,
                 file=sys.stdout, mininterval=1.0)
+
+
+def format_rate(images_per_s):
+    """images/s for the progress bar: a decimal below 10, so that a slow run shows 0.4, not 0."""
+    return f"{images_per_s:.1f}" if images_per_s < 10 else f"{images_per_s:.0f}"
 
 
 def _finite_json(x):
@@ -1505,9 +1518,9 @@ def load_state(module, state, what, path):
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(f"cannot resume {what} from {path}: the checkpoint was made with other settings "
-                         f"(arch, heads, queue size). Rerun with the arguments in {Path(path).parent}/args.json, "
-                         f"or choose a new --output-dir.\n{e}") from None
+        fail(f"cannot resume {what} from {path}: the checkpoint was made with other settings "
+             f"(arch, heads, queue size). Rerun with the arguments in {Path(path).parent}/args.json, "
+             f"or choose a new --output-dir.\n{e}")
 
 
 def rng_state():
@@ -1592,19 +1605,19 @@ def _restore(path, modules, optimizer, scaler, device, args, log):
         try:
             ckpt = load_checkpoint(path, device)
         except CheckpointError as e:
-            raise SystemExit(str(e)) from None
+            fail(str(e))
         missing = [k for k in modules if k not in ckpt]
         if not isinstance(ckpt, dict) or missing or "step" not in ckpt:
-            raise SystemExit(f"{path} is not a checkpoint of this script: it has no {', '.join(missing) or 'step'} "
-                             f"(it holds {', '.join(sorted(ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__}). "
-                             f"It was probably written by another method: choose another --output-dir.")
+            fail(f"{path} is not a checkpoint of this script: it has no {', '.join(missing) or 'step'} "
+                 f"(it holds {', '.join(sorted(ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__}). "
+                 f"It was probably written by another method: choose another --output-dir.")
         stored = ckpt.get("args", {})
         changed = {k: (stored[k], v) for k, v in vars(args).items()
                    if k in stored and k not in NEUTRAL_ARGS and _plain(stored[k]) != _plain(v)}
         if changed and not args.allow_arg_changes:
             diff = "; ".join(f"--{k.replace('_', '-')} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
-            raise SystemExit(f"{path} was made with other arguments: {diff}. Rerun with the checkpoint's arguments "
-                             f"({path.parent}/args.json), choose a new --output-dir, or pass --allow-arg-changes.")
+            fail(f"{path} was made with other arguments: {diff}. Rerun with the checkpoint's arguments "
+                 f"({path.parent}/args.json), choose a new --output-dir, or pass --allow-arg-changes.")
         for key, module in modules.items():
             load_state(module, ckpt[key], f"the {key}", path)
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -399,7 +399,7 @@ def main(argv=None):
                 loss, loss_global, loss_dense = (common.mean_over_ranks(running) / (step - tick_step)).tolist()
                 speed = (step - tick_step) * args.batch_size / (time.time() - tick)
                 bar.set_postfix(loss=f"{loss:.3f}", dense=f"{loss_dense:.3f}", lr=f"{lr_schedule[step - 1]:.4f}",
-                                img_s=f"{speed:.0f}")
+                                img_s=common.format_rate(speed))
                 log.write(step=step, epoch=epoch, loss=loss, loss_global=loss_global, loss_dense=loss_dense,
                           lr=lr_schedule[step - 1], images_per_s=speed)
                 running.zero_()

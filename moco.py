@@ -286,7 +286,7 @@ def main(argv=None):
                 common.check_finite(running, state, step, ckpt_path)  # stops the run on NaN/inf
                 loss, elapsed = common.mean_over_ranks(running).item() / (step - tick_step), time.time() - tick
                 speed = (step - tick_step) * args.batch_size / elapsed
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_schedule[step - 1]:.4f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_schedule[step - 1]:.4f}", img_s=common.format_rate(speed))
                 log.write(step=step, epoch=epoch, loss=loss, lr=lr_schedule[step - 1], images_per_s=speed)
                 running.zero_()
                 tick, tick_step = time.time(), step

@@ -226,3 +226,54 @@ def test_a_rendezvous_that_waits_says_so_and_times_out(monkeypatch, capsys):
     waiting.join(30)
     assert stopped and f"the 2 processes did not all meet at 127.0.0.1:{port} within DIST_TIMEOUT=2 s" in stopped[0]
     assert f"rank 0: waiting for all 2 processes to meet at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# ---- 6. messages --------------------------------------------------------------------------------
+def test_data_messages_name_the_problem_and_print_once_per_node(tmp_path, monkeypatch):
+    (tmp_path / "images.zip").write_text("x")
+    with pytest.raises(SystemExit, match=r"images.zip is a file, not a folder"):
+        common.build_pretrain_dataset(_args(str(tmp_path / "images.zip"), tmp_path), None)
+    _write_images(tmp_path / "two", 2)
+    for data, advice, not_advice in (("synthetic", "raise --synthetic-len", "add images"),
+                                     (str(tmp_path / "two"), "add images", "--synthetic-len")):
+        with pytest.raises(SystemExit) as e:
+            common.make_loader(common.build_pretrain_dataset(_args(data, tmp_path), None), 8, 0, 0, torch.device("cpu"))
+        assert "fewer than one global batch of 8: lower --batch-size or " + advice in str(e.value)
+        assert not_advice not in str(e.value)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process on a node: the same error, not printed again
+    with pytest.raises(SystemExit) as e:
+        common.build_pretrain_dataset(_args(str(tmp_path / "nowhere"), tmp_path), None)
+    assert e.value.code == 1
+
+
+def test_an_image_smaller_than_the_crop_warns_once(tmp_path):
+    _write_images(tmp_path / "tiny", 3, size=(1, 1))
+    dataset = common.build_pretrain_dataset(_args(str(tmp_path / "tiny"), tmp_path), None)  # a 32-px crop
+    with pytest.warns(UserWarning, match=r"img0.jpg is 1 x 1 px, smaller than the 32-px crop") as warned:
+        for i in range(3):
+            dataset[i]
+    assert len([w for w in warned if "smaller than" in str(w.message)]) == 1
+
+
+def test_the_progress_bar_shows_a_slow_rate_with_a_decimal():
+    assert (common.format_rate(0.43), common.format_rate(9.96), common.format_rate(123.4)) == ("0.4", "10.0", "123")
+
+
+def test_an_unfinished_run_says_how_to_get_its_downstream_weights(tmp_path):
+    import moco
+    from evaluation import weights
+    out = tmp_path / "run"
+    flags = ["--arch", "resnet18", "--image-size", "32", "--synthetic-len", "16", "--batch-size", "8", "--workers", "0",
+             "--bn-splits", "2", "--queue-size", "64", "--output-dir", str(out)]
+    moco.main([*flags, "--max-steps", "1"])
+    (out / "downstream.pth").unlink()  # as a run killed after its first checkpoint
+    for init in (out, out / "checkpoint.pth"):
+        with pytest.raises(SystemExit) as e:
+            weights.load_init(str(init))
+        assert f"{out / 'downstream.pth'} does not exist: the run stopped before its end" in str(e.value)
+        assert "with --max-steps 1: it resumes and writes" in str(e.value)
+    moco.main([*flags, "--max-steps", "1"])  # what the message says: no further step, downstream.pth written
+    backbone, meta = weights.load_init(str(out))
+    trained = common.load_checkpoint(out / "checkpoint.pth")
+    assert meta["method"] == "moco" and trained["step"] == 1
+    assert all(torch.equal(v, trained["encoder_q"][f"backbone.{k}"]) for k, v in backbone.items())
