@@ -667,8 +667,8 @@ class WarnOnce:
 
 class ImageFiles(Dataset):
     """Images from a list of files; an unreadable image is skipped for the next, with one warning per
-    file for the whole run. An image with a side below `min_side` (the crop) warns once for the run:
-    its crops are upsampled (a 1 x 1 image gives flat views)."""
+    file for the whole run. An image smaller than `min_side` (the crop) both ways warns once for the
+    run: its crops are upsampled (a 1 x 1 image gives flat views)."""
 
     def __init__(self, files, transform=None, min_side=0):
         self.files, self.transform, self.min_side, self.warn_once = files, transform, min_side, WarnOnce()
@@ -686,7 +686,7 @@ class ImageFiles(Dataset):
                 self.warn_once(path, f"skipping unreadable image {path}: {type(e).__name__}: {e}")
         else:
             raise RuntimeError("no readable image in the dataset")
-        if min(img.size) < self.min_side:
+        if max(img.size) < self.min_side:  # the whole image fits inside one crop
             self.warn_once("small", f"{path} is {img.width} x {img.height} px, smaller than the {self.min_side}-px "
                                     f"crop: its crops are upsampled (this warning is shown once; other images may be "
                                     f"small too)")
