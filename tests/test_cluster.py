@@ -41,6 +41,18 @@ def test_images_below_symlinked_folders_are_found_once_and_counted(tmp_path, cap
     assert "22 images (linked/: 16, real/: 6)" in capsys.readouterr().out
 
 
+
+def test_cityscapes_follows_symlinked_city_folders(tmp_path):
+    from evaluation import seg_data
+    city = tmp_path / "store" / "aachen"
+    city.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(city / "aachen_0_0_leftImg8bit.png")
+    (tmp_path / "cityscapes" / "leftImg8bit" / "val").mkdir(parents=True)
+    (tmp_path / "cityscapes" / "leftImg8bit" / "val" / "aachen").symlink_to(city)
+    pairs, _, _ = seg_data.seg_pairs("cityscapes", tmp_path, "val")
+    assert [p.name for p, _ in pairs] == ["aachen_0_0_leftImg8bit.png"]
+
+
 # ---- 2. one run per output folder ---------------------------------------------------------------
 def _resume_args(out):
     return argparse.Namespace(output_dir=str(out), allow_arg_changes=False, lr=0.1)
