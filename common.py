@@ -1175,7 +1175,10 @@ def split_batch(parser, args):
 
 
 def add_run_args(parser, epochs, batch_size, epochs_help=None):
-    """Flags shared by every training loop: schedule length, batch, precision, logging, output."""
+    """Flags shared by every training loop: schedule length, batch, precision, logging, output. Under
+    torchrun, a bad flag is reported by one process per node (see fail); the others exit with 2."""
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        parser.error = lambda message: sys.exit(2)
     parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help or f"training epochs (paper: {epochs})")
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help=f"global batch over all processes (paper: {batch_size})")

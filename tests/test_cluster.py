@@ -241,7 +241,7 @@ def test_a_rendezvous_that_waits_says_so_and_times_out(monkeypatch, capsys):
 
 
 # ---- 6. messages --------------------------------------------------------------------------------
-def test_data_messages_name_the_problem_and_print_once_per_node(tmp_path, monkeypatch):
+def test_data_messages_name_the_problem_and_print_once_per_node(tmp_path, monkeypatch, capsys):
     (tmp_path / "images.zip").write_text("x")
     with pytest.raises(SystemExit, match=r"images.zip is a file, not a folder"):
         common.build_pretrain_dataset(_args(str(tmp_path / "images.zip"), tmp_path), None)
@@ -252,10 +252,15 @@ def test_data_messages_name_the_problem_and_print_once_per_node(tmp_path, monkey
             common.make_loader(common.build_pretrain_dataset(_args(data, tmp_path), None), 8, 0, 0, torch.device("cpu"))
         assert "fewer than one global batch of 8: lower --batch-size or " + advice in str(e.value)
         assert not_advice not in str(e.value)
-    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process on a node: the same error, not printed again
+    import moco
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process on a node: the same errors, not printed again
     with pytest.raises(SystemExit) as e:
         common.build_pretrain_dataset(_args(str(tmp_path / "nowhere"), tmp_path), None)
     assert e.value.code == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        moco.get_args(["--epochs", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
 
 
 def test_an_image_smaller_than_the_crop_warns_once(tmp_path):
