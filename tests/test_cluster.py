@@ -6,7 +6,6 @@ import errno
 import os
 import socket
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -14,7 +13,6 @@ import torch
 from PIL import Image
 
 import common
-from conftest import REPO
 
 
 def _args(data, root, **kw):
