@@ -6,14 +6,15 @@ reads on its own. What only the evaluation or the benchmarks use lives with them
 benchmarks/), not here.
 
 Contents (one banner section each, in this order):
- 1. Distributed (torchrun) helpers    init_distributed, is_main, print0, world_size, concat_all_gather,
-                                      sync_batchnorm
+ 1. Distributed (torchrun) helpers    torchrun_world, init_distributed, fail, is_main, print0, world_size,
+                                      concat_all_gather, sync_batchnorm
  2. Shuffle BN in one process         add_bn_splits_arg, check_bn_splits, SplitBatchNorm2d, split_batchnorm
  3. Backbones                         RESNET_ARCHS, ResNetTrunk (C2-C5), FPN, ViT (Attention, Block,
                                       drop_path), VIT_ARCHS
  4. Synthetic scenes                  synthetic_scene, SyntheticScenes, SYNTHETIC_CLASSES
  5. Image folders (--data presets)    add_data_args, build_pretrain_dataset, ImageFiles, WarnOnce, open_rgb,
-                                      find_images, resolve_image_folders, default_data_root, DATA_LAYOUTS
+                                      find_images, count_by_subfolder, resolve_image_folders, default_data_root,
+                                      DATA_LAYOUTS
  6. Augmentations on the CPU          moco_v2_augmentation, byol_augmentations, TwoViews, blur_kernel
  7. Augmentations on the device       DecodeOnly, pad_collate (workers); device_images, crop_params,
     (--gpu-augment)                   resized_crops, device_crops, device_colour, MOCO_COLOUR,
@@ -22,12 +23,16 @@ Contents (one banner section each, in this order):
  9. Schedules, LARS, precision        cosine_schedule, momentum_schedule, LARS, lars_param_groups,
                                       amp_dtype, precision_name, autocast, fp32, seed_everything
 10. Arguments                         split_batch, add_run_args, check_args, check_image_size
-11. Logging, stop signals, divergence progress, JsonLog, mean_over_ranks, catch_stop_signals,
+11. Logging, stop signals, divergence progress, format_rate, JsonLog, mean_over_ranks, catch_stop_signals,
                                       stop_requested, exit_on_signal, check_finite
-12. Output folder and checkpoints     prepare_output, write_run_record, save_checkpoint, resume,
-                                      NEUTRAL_ARGS, load_checkpoint, CheckpointError, save_downstream
+12. Output folder and checkpoints     prepare_output, check_writable, lock_output, release_lock,
+                                      write_run_record, save_checkpoint, save_atomic, resume, NEUTRAL_ARGS,
+                                      load_checkpoint, CheckpointError, save_downstream
 13. The loop's plumbing              Loop: resume, epochs and bars, logging, checks, saving, stop signals
 """
+import atexit
+import datetime
+import errno
 import functools
 import json
 import math
@@ -36,8 +41,10 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import weakref
@@ -66,9 +73,31 @@ _RUN = {"stop": 0, "pid": None, "cpu_group": None, "saved": {}, "script": None}
 # =================================================================================================
 # 1. Distributed (torchrun) helpers
 # =================================================================================================
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
+RENDEZVOUS_NOTICE_S = 10  # a rendezvous that takes longer says that it waits, and for whom
+
+
+def torchrun_world():
+    """WORLD_SIZE, once checked that torchrun's other variables come with it: a job script that
+    exports WORLD_SIZE alone would make a plain `python x.py` fail (or wait) for ranks never started."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise SystemExit(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes: unset it for one "
+                         f"process, or launch with torchrun") from None
+    missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+    if world > 1 and missing:
+        raise SystemExit(f"WORLD_SIZE={world} is set, but not {', '.join(missing)}: an incomplete torchrun "
+                         f"environment (exported by a job script?). Launch with `torchrun --nproc_per_node={world} "
+                         f"{Path(sys.argv[0]).name} ...`, or unset WORLD_SIZE for one process.")
+    return world
+
+
 def init_distributed():
-    """Join the torchrun process group if RANK/WORLD_SIZE are set; return (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """Join the torchrun process group if WORLD_SIZE > 1 (with RANK, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT); return (rank, world, device). $DIST_TIMEOUT (seconds, default 600, torch's NCCL
+    default) bounds the wait for all ranks to meet, and every collective after it."""
+    world = torchrun_world()
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -77,10 +106,33 @@ def init_distributed():
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        timeout = float(os.environ.get("DIST_TIMEOUT", 600))
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        notice = threading.Timer(RENDEZVOUS_NOTICE_S, print, [
+            f"rank {rank}: waiting for all {world} processes to meet at {where} (gives up after DIST_TIMEOUT="
+            f"{timeout:g} s)"], {"file": sys.stderr, "flush": True})
+        notice.daemon = True
+        if local_rank == 0:  # one line per node
+            notice.start()
+        try:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                    timeout=datetime.timedelta(seconds=timeout))
+        except (RuntimeError, ValueError) as e:  # the store's timeout (DistStoreError), a bad address or port
+            fail(f"rank {rank}: the {world} processes did not all meet at {where} within DIST_TIMEOUT={timeout:g} s "
+                 f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). Check that every rank was "
+                 f"started (torchrun --nnodes, --nproc_per_node) and that MASTER_ADDR is reachable from every node.")
+        finally:
+            notice.cancel()
         # the ranks agree on stop signals every step over this CPU group: no GPU synchronisation
         _RUN["cpu_group"] = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     return rank, world, device
+
+
+def fail(message):
+    """Stop the run with `message` (SystemExit), printed by one process per node: under torchrun every
+    rank meets the same bad input, and the ranks of one node see the same files (a node whose files
+    differ still says so). The other ranks exit with status 1, silently."""
+    raise SystemExit(message if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
 
 
 def is_main():
@@ -526,8 +578,39 @@ def default_data_root():
 
 
 def find_images(folder):
-    """Sorted list of image files below `folder` (recursive, by extension)."""
-    return sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Sorted list of image files below `folder` (recursive, by extension). Symlinked folders are
+    followed (ImageNet subsets are usually built from links to class folders), each real folder
+    once, so that a link loop (`ln -s . loop`) ends and a folder linked twice is not counted twice."""
+    seen, files = set(), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()  # the first path to a folder reached twice is the same in every run
+        files += [os.path.join(root, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(files)
+
+
+def count_by_subfolder(folders, files):
+    """' (a/: 6, b/: 16)': the images per top-level subfolder (per folder for several --data folders)
+    when there are several, so that a class folder or a link with fewer images than expected shows;
+    with more than 12, the range and the smallest. '' for one."""
+    counts = {}
+    for folder in map(str, folders):
+        prefix = os.path.join(folder, "")
+        for f in files:
+            if f.startswith(prefix):
+                rest = f[len(prefix):]
+                key = folder if len(folders) > 1 else rest.split(os.sep)[0] + "/" if os.sep in rest else "./"
+                counts[key] = counts.get(key, 0) + 1
+    if len(counts) <= 1:
+        return ""
+    if len(counts) <= 12:
+        return f" ({', '.join(f'{k}: {n}' for k, n in counts.items())})"
+    fewest = min(counts, key=counts.get)
+    return f" in {len(counts)} subfolders, {counts[fewest]} to {max(counts.values())} each (fewest: {fewest})"
 
 
 def resolve_image_folders(data, data_root):
@@ -538,10 +621,12 @@ def resolve_image_folders(data, data_root):
     else:
         folders, expected = [Path(data)], f"{data}/**/*.jpg (any folder of images, searched recursively)"
     for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            fail(f"--data {data}: {folder} is a file, not a folder. Give the folder that holds the images "
+                 f"({expected}), or use --data synthetic.")
         if not folder.is_dir():
-            raise SystemExit(
-                f"--data {data}: folder {folder} does not exist. Expected layout: {expected}. "
-                f"Set --data-root (or $DATA_ROOT) to the folder that holds it, or use --data synthetic.")
+            fail(f"--data {data}: folder {folder} does not exist. Expected layout: {expected}. "
+                 f"Set --data-root (or $DATA_ROOT) to the folder that holds it, or use --data synthetic.")
     return folders, expected
 
 
@@ -583,10 +668,11 @@ class WarnOnce:
 
 class ImageFiles(Dataset):
     """Images from a list of files; an unreadable image is skipped for the next, with one warning per
-    file for the whole run."""
+    file for the whole run. An image smaller than `min_side` (the crop) both ways warns once for the
+    run: its crops are upsampled (a 1 x 1 image gives flat views)."""
 
-    def __init__(self, files, transform=None):
-        self.files, self.transform, self.warn_once = files, transform, WarnOnce()
+    def __init__(self, files, transform=None, min_side=0):
+        self.files, self.transform, self.min_side, self.warn_once = files, transform, min_side, WarnOnce()
 
     def __len__(self):
         return len(self.files)
@@ -601,6 +687,10 @@ class ImageFiles(Dataset):
                 self.warn_once(path, f"skipping unreadable image {path}: {type(e).__name__}: {e}")
         else:
             raise RuntimeError("no readable image in the dataset")
+        if max(img.size) < self.min_side:  # the whole image fits inside one crop
+            self.warn_once("small", f"{path} is {img.width} x {img.height} px, smaller than the {self.min_side}-px "
+                                    f"crop: its crops are upsampled (this warning is shown once; other images may be "
+                                    f"small too)")
         return self.transform(img) if self.transform else img
 
 
@@ -612,9 +702,9 @@ def build_pretrain_dataset(args, transform):
     folders, expected = resolve_image_folders(args.data, args.data_root)
     files = [f for folder in folders for f in find_images(folder)]
     if not files:
-        raise SystemExit(
-            f"--data {args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
-            f"{', '.join(map(str, folders))}. Expected layout: {expected}.")
+        fail(f"--data {args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in "
+             f"{', '.join(map(str, folders))}. Expected layout: {expected}.")
+    print0(f"--data {args.data}: {len(files)} images" + count_by_subfolder(folders, files))
     first_error = None
     for path in files:  # one readable image is enough to start (usually the first); none is an error now,
         try:            # not a crash in a loader worker later
@@ -623,9 +713,9 @@ def build_pretrain_dataset(args, transform):
         except Exception as e:
             first_error = first_error or f"{path}: {type(e).__name__}: {e}"
     else:
-        raise SystemExit(f"--data {args.data}: none of the {len(files)} image files below "
-                         f"{', '.join(map(str, folders))} can be read (the first: {first_error}).")
-    return ImageFiles(files, transform)
+        fail(f"--data {args.data}: none of the {len(files)} image files below "
+             f"{', '.join(map(str, folders))} can be read (the first: {first_error}).")
+    return ImageFiles(files, transform, min_side=args.image_size)
 
 
 def add_data_args(parser):
@@ -959,8 +1049,9 @@ def make_loader(dataset, batch_size, workers, seed, device, collate_fn=None):
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed + rank))
     if len(loader) == 0:
-        raise SystemExit(f"{len(dataset)} images are fewer than one global batch of {batch_size * world_size()}: "
-                         f"lower --batch-size or use more data (--synthetic-len)")
+        more = "raise --synthetic-len" if isinstance(dataset, SyntheticScenes) else "add images"
+        fail(f"{len(dataset)} images are fewer than one global batch of {batch_size * world_size()}: "
+             f"lower --batch-size or {more}")
     return loader
 
 
@@ -1083,14 +1174,17 @@ def seed_everything(seed):
 # =================================================================================================
 def split_batch(parser, args):
     """Set args.world_size (from torchrun) and args.batch_per_rank; --batch-size is the global batch."""
-    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.world_size = torchrun_world()
     if args.batch_size % args.world_size:
         parser.error(f"--batch-size {args.batch_size} must be divisible by the {args.world_size} processes")
     args.batch_per_rank = args.batch_size // args.world_size
 
 
 def add_run_args(parser, epochs, batch_size, epochs_help=None):
-    """Flags shared by every training loop: schedule length, batch, precision, logging, output."""
+    """Flags shared by every training loop: schedule length, batch, precision, logging, output. Under
+    torchrun, a bad flag is reported by one process per node (see fail); the others exit with 2."""
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        parser.error = lambda message: sys.exit(2)
     parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help or f"training epochs (paper: {epochs})")
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help=f"global batch over all processes (paper: {batch_size})")
@@ -1141,6 +1235,11 @@ def progress(loader, epoch, epochs):
     """tqdm bar over one epoch, shown on rank 0 only."""
     return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not is_main(), dynamic_ncols=True,
                 file=sys.stdout, mininterval=1.0)
+
+
+def format_rate(images_per_s):
+    """images/s for the progress bar: a decimal below 10, so that a slow run shows 0.4, not 0."""
+    return f"{images_per_s:.1f}" if images_per_s < 10 else f"{images_per_s:.0f}"
 
 
 def _finite_json(x):
@@ -1248,12 +1347,100 @@ def check_finite(losses, modules, step, path, extra=()):
 # 12. Output folder, checkpoints, resume, downstream weights
 # =================================================================================================
 def prepare_output(args, script):
-    """The --output-dir path, and the script whose copy goes into it. Nothing is written yet:
-    write_run_record (called by resume once the run has started or resumed) creates the folder,
-    args.json and the copy, so a refused or failed start leaves nothing behind and an existing
-    run's records as they were."""
+    """The --output-dir path, and the script whose copy goes into it, once rank 0 has checked that
+    the folder can be written (check_writable: before any data or model is built). Nothing is
+    written yet: resume creates and locks the folder (lock_output) and write_run_record writes
+    args.json and the copy once the run has started or resumed, so a refused or failed start
+    leaves nothing behind and an existing run's records as they were."""
     _RUN["script"] = script
+    if is_main():
+        check_writable(args.output_dir)
     return Path(args.output_dir)
+
+
+def check_writable(out):
+    """Refuse, with one line, an output folder that cannot be written: an existing file, a path
+    below a regular file, or a folder (or, if it does not exist yet, its nearest existing parent)
+    where no file can be created. Creates nothing: the probe is an unnamed temporary file."""
+    out = Path(out)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        fail(f"--output-dir {out}: {'it is' if probe == out else f'{probe} is'} a file, not a folder. "
+             f"Choose another --output-dir.")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        fail(f"--output-dir {out}: cannot create files in {probe} ({e.strerror}). Choose a folder you can write, "
+             f"or make it writable.")
+
+
+# The lock is a file created with O_EXCL that holds pid@host, not an flock(): O_EXCL creation is atomic on
+# NFS (v3 and later), Lustre and GPFS, where flock may be unsupported or local to one node, and the file
+# names its holder. A holder killed with -9 leaves it behind: on the same host its pid is gone and the
+# lock is taken over; from another host that cannot be checked, and the message says which file to remove.
+LOCK_NAME = "run.lock"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def release_lock(out):
+    """Remove the output folder's lock if this process holds it (at exit, or when a resume is refused)."""
+    path = Path(out) / LOCK_NAME
+    try:
+        if path.read_text() == f"{os.getpid()}@{socket.gethostname()}":
+            path.unlink()
+    except OSError:
+        pass
+
+
+def lock_output(out):
+    """Rank 0 creates the output folder and takes its lock (LOCK_NAME, released when the process
+    exits): a second run into the same folder is refused with one line naming the holder, so two
+    runs never write the same checkpoint. A lock left by a dead process on this host is taken over."""
+    out, host = Path(out), socket.gethostname()
+    me, path = f"{os.getpid()}@{host}", Path(out) / LOCK_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output-dir {out}: cannot create it ({e.strerror}). Choose a folder you can write.")
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = path.read_text().strip()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if holder == me:  # this process already holds it (main() called twice, as in the tests)
+                return
+            pid, _, holder_host = holder.partition("@")
+            if holder_host == host and pid.isdigit() and not _process_alive(int(pid)):
+                print0(f"{path}: process {pid} that held it is gone (killed?): taking the lock over")
+                path.unlink(missing_ok=True)
+                continue
+            gone = f"if it is gone (its host {holder_host} is not this one, {host}, so this cannot be checked), " \
+                if holder_host != host else "if it is gone, "
+            fail(f"--output-dir {out} is in use by another run (process {holder}, {path}): wait for it to finish, "
+                 f"choose another --output-dir, or, {gone}remove {path}.")
+        except OSError as e:
+            fail(f"--output-dir {out}: cannot create files in it ({e.strerror}). Choose a folder you can write.")
+        else:
+            os.write(fd, me.encode())
+            os.close(fd)
+            atexit.register(release_lock, out)
+            return
+    fail(f"--output-dir {out}: could not take its lock {path} (other runs are starting there at the same time)")
 
 
 def write_run_record(out, args):
@@ -1266,11 +1453,43 @@ def write_run_record(out, args):
             shutil.copy(_RUN["script"], out / Path(_RUN["script"]).name)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+class _ByteCounter:
+    """A file that only counts what is written to it: the size a checkpoint needs on disk."""
+    size = 0
+
+    def write(self, b):
+        self.size += memoryview(b).nbytes
+        return memoryview(b).nbytes
+
+    def flush(self):
+        pass
+
+
+def save_atomic(obj, path, prev=None):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file, and
+    `path` stays as it was until the new file is complete (then it becomes `prev`, if given). A full
+    disk or quota stops the run with one line saying where and how much the file needs; a failed
+    write's partial file is removed (it would keep the disk full)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        with open(tmp, "wb") as f:  # a file object: a failed write's OSError, with its errno, is the context
+            torch.save(obj, f)      # of torch's RuntimeError (given a path, torch says only "enforce fail ...")
+    except BaseException as e:      # Ctrl-C included: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            counter = _ByteCounter()
+            torch.save(obj, counter)
+            kept = f" {path}, the last complete one, is kept." if path.exists() else ""
+            fail(f"disk full: cannot write {path}: it needs {counter.size / 1e6:.1f} MB, "
+                 f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB are free there ({cause.strerror}).{kept} "
+                 f"Free some space (or choose an --output-dir on another disk) and rerun the same command to resume.")
+        raise
+    if prev is not None and path.exists():
+        os.replace(path, prev)
     os.replace(tmp, path)
 
 
@@ -1308,9 +1527,9 @@ def load_state(module, state, what, path):
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(f"cannot resume {what} from {path}: the checkpoint was made with other settings "
-                         f"(arch, heads, queue size). Rerun with the arguments in {Path(path).parent}/args.json, "
-                         f"or choose a new --output-dir.\n{e}") from None
+        fail(f"cannot resume {what} from {path}: the checkpoint was made with other settings "
+             f"(arch, heads, queue size). Rerun with the arguments in {Path(path).parent}/args.json, "
+             f"or choose a new --output-dir.\n{e}")
 
 
 def rng_state():
@@ -1334,8 +1553,9 @@ def set_rng_state(state):
 def save_checkpoint(path, modules, optimizer, scaler, step, args, extra=None, losses=None):
     """Check that nothing is non-finite (every rank, see check_finite), then save atomically on rank
     0: named modules' state dicts, optimizer, GradScaler, step, args and every rank's RNG states.
-    The checkpoint it replaces is kept as checkpoint.prev.pth. A second save of the same step (the
-    end of an epoch that also hit --save-every) is skipped, so that .prev stays one save back."""
+    The checkpoint it replaces is kept as checkpoint.prev.pth once the new one is complete (a full
+    disk leaves it as checkpoint.pth). A second save of the same step (the end of an epoch that also
+    hit --save-every) is skipped, so that .prev stays one save back."""
     if _RUN["saved"].get(str(path)) == step:
         return
     check_finite(losses if losses is not None else torch.zeros(1), modules, step, path, (extra or {}).values())
@@ -1345,10 +1565,12 @@ def save_checkpoint(path, modules, optimizer, scaler, step, args, extra=None, lo
         dist.all_gather_object(rngs, rng_state())
     if is_main():
         path = Path(path)
-        if path.exists():
-            os.replace(path, path.with_name(path.stem + ".prev.pth"))
+        prev = path.with_name(path.stem + ".prev.pth")
+        if path.exists():  # the disk holds two checkpoints at most: the last complete one and the new one
+            prev.unlink(missing_ok=True)
         save_atomic({**{k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "args": vars(args), "rng": rngs, **(extra or {})}, path)
+                     "scaler": scaler.state_dict(), "step": step, "args": vars(args), "rng": rngs, **(extra or {})},
+                    path, prev)
     _RUN["saved"][str(path)] = step
 
 
@@ -1367,10 +1589,23 @@ def resume(path, modules, optimizer, scaler, device, args, log=None):
     the run's records (write_run_record) once it has started or resumed. Returns (step, checkpoint
     or None)."""
     path = Path(path)
-    prev = path.with_name(path.stem + ".prev.pth")
-    if is_main() and path.parent.is_dir():
+    if is_main():
+        lock_output(path.parent)  # before anything in the folder is touched: another run may be writing it
         for stale in path.parent.glob("*.tmp"):  # left by a write that was killed
             stale.unlink()
+    try:
+        step, ckpt = _restore(path, modules, optimizer, scaler, device, args, log)
+    except SystemExit:  # a refused resume: the folder is free again for the corrected command
+        if is_main():
+            release_lock(path.parent)
+        raise
+    write_run_record(path.parent, args)
+    return step, ckpt
+
+
+def _restore(path, modules, optimizer, scaler, device, args, log):
+    """resume's reading of the checkpoint: (step, checkpoint), or (0, None) for a new run."""
+    prev = path.with_name(path.stem + ".prev.pth")
     if not path.exists() and prev.exists():
         print0(f"{path} is missing but {prev} exists (a save was cut short): resuming from it")
         path = prev
@@ -1379,19 +1614,19 @@ def resume(path, modules, optimizer, scaler, device, args, log=None):
         try:
             ckpt = load_checkpoint(path, device)
         except CheckpointError as e:
-            raise SystemExit(str(e)) from None
+            fail(str(e))
         missing = [k for k in modules if k not in ckpt]
         if not isinstance(ckpt, dict) or missing or "step" not in ckpt:
-            raise SystemExit(f"{path} is not a checkpoint of this script: it has no {', '.join(missing) or 'step'} "
-                             f"(it holds {', '.join(sorted(ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__}). "
-                             f"It was probably written by another method: choose another --output-dir.")
+            fail(f"{path} is not a checkpoint of this script: it has no {', '.join(missing) or 'step'} "
+                 f"(it holds {', '.join(sorted(ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__}). "
+                 f"It was probably written by another method: choose another --output-dir.")
         stored = ckpt.get("args", {})
         changed = {k: (stored[k], v) for k, v in vars(args).items()
                    if k in stored and k not in NEUTRAL_ARGS and _plain(stored[k]) != _plain(v)}
         if changed and not args.allow_arg_changes:
             diff = "; ".join(f"--{k.replace('_', '-')} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
-            raise SystemExit(f"{path} was made with other arguments: {diff}. Rerun with the checkpoint's arguments "
-                             f"({path.parent}/args.json), choose a new --output-dir, or pass --allow-arg-changes.")
+            fail(f"{path} was made with other arguments: {diff}. Rerun with the checkpoint's arguments "
+                 f"({path.parent}/args.json), choose a new --output-dir, or pass --allow-arg-changes.")
         for key, module in modules.items():
             load_state(module, ckpt[key], f"the {key}", path)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1405,7 +1640,6 @@ def resume(path, modules, optimizer, scaler, device, args, log=None):
         if log is not None:
             log.truncate(ckpt["step"])
         print0(f"resumed from {path} at step {ckpt['step']}" + (f" (changed: {', '.join(changed)})" if changed else ""))
-    write_run_record(path.parent, args)
     return (ckpt["step"], ckpt) if ckpt is not None else (0, None)
 
 
@@ -1487,7 +1721,7 @@ class Loop:
                 named[self.rest_name] = means[len(self.loss_names):]
             speed = (self.step - self.tick_step) * self.args.batch_size / (time.time() - self.tick)
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{means[0]:.3f}", lr=f"{lr:.4g}", img_s=f"{speed:.1f}" if speed < 10 else f"{speed:.0f}")
+                self.bar.set_postfix(loss=f"{means[0]:.3f}", lr=f"{lr:.4g}", img_s=format_rate(speed))
             self.log.write(step=self.step, epoch=self.epoch, **named, lr=lr, **logged, images_per_s=speed)
             self.running, self.tick, self.tick_step = None, time.time(), self.step
         if self.step % self.args.save_every == 0 or stop:

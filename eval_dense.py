@@ -683,7 +683,7 @@ def main(argv=None):
                 common.check_finite(running, {"model": model}, step, ckpt_path)  # stops the run on NaN/inf
                 loss = common.mean_over_ranks(running).item() / (step - tick_step)
                 speed = (step - tick_step) * args.batch_size / (time.time() - tick)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", img_s=common.format_rate(speed))
                 log.write(step=step, loss=loss, lr=lr, images_per_s=speed)
                 running.zero_()
                 tick, tick_step = time.time(), step

@@ -475,7 +475,7 @@ def main(argv=None):
                 common.check_finite(running, state, step, ckpt_path)  # stops the run on NaN/inf
                 losses = (common.mean_over_ranks(running) / (step - tick_step)).tolist()
                 speed = (step - tick_step) * args.batch_size / (time.time() - tick)
-                bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lrs[step - 1]:.4f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lrs[step - 1]:.4f}", img_s=common.format_rate(speed))
                 log.write(step=step, epoch=epoch, loss=losses[0], level_losses=losses[1:], lr=lrs[step - 1],
                           momentum=m_schedule[step - 1], images_per_s=speed)
                 running.zero_()

@@ -151,7 +151,7 @@ def seg_pairs(data, root, split):
             raise SystemExit(f"--data cityscapes: {img_dir} missing. Expected layout: <data-root>/cityscapes/"
                              f"leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png and gtFine/{{train,val}}/<city>/"
                              f"*_gtFine_labelTrainIds.png (createTrainIdLabelImgs) or *_gtFine_labelIds.png")
-        imgs = sorted(img_dir.rglob("*_leftImg8bit.png"))
+        imgs = [Path(f) for f in common.find_images(img_dir) if f.endswith("_leftImg8bit.png")]  # city links followed
         lbl = lambda p, kind: Path(str(p).replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", f"_gtFine_{kind}.png"))
         if imgs and all(lbl(p, "labelTrainIds").is_file() for p in imgs):  # createTrainIdLabelImgs' (mmsegmentation's)
             return [(p, lbl(p, "labelTrainIds")) for p in imgs], 19, None

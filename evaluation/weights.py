@@ -124,6 +124,16 @@ def init_file(init):
     path = Path(init)
     if path.is_dir():
         path = path / "downstream.pth"
+    ckpt = path.with_name("checkpoint.pth")
+    if path.name == "downstream.pth" and not path.is_file() and ckpt.is_file():  # a run stopped before its end
+        try:
+            step = f"--max-steps {torch.load(ckpt, mmap=True, weights_only=True)['step']}"
+        except Exception:
+            step = "--max-steps set to its step"
+        raise SystemExit(f"--init {init}: {path} does not exist: the run stopped before its end (its checkpoint "
+                         f"{ckpt} is there). Rerun the run's command (the arguments are in {ckpt.parent}/args.json) "
+                         f"with {step}: it resumes and writes {path} without training further; without "
+                         f"--max-steps it finishes the run.")
     if not path.is_file():
         raise SystemExit(f"--init {init}: {path} does not exist. Give a run folder (with downstream.pth: the run "
                          f"writes it when it finishes), a downstream.pth, an official checkpoint (docs/downstream.md: "
