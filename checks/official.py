@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ ATOL, RTOL = 1e-10, 1e-7
 # METHOD: (module in checks/ that knows the official code, the official repository)
 METHODS = {
     "moco": ("vs_moco", "facebookresearch/moco"),
-    "adclr": ("vs_dino", "facebookresearch/dino"),
+    "adclr": ("vs_dino", "facebookresearch/dino"),  # DINO: adclr.py --query-weight 0
 }
 
 
@@ -217,9 +218,9 @@ def official_commit(path, flag=None):
     try:
         out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)
         if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "--", "*.py"],
                                    capture_output=True, text=True, timeout=20).stdout.strip()
-            return out.stdout.strip() + (" (with local changes)" if dirty else "")
+            return out.stdout.strip() + (" (with local changes to its .py files)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
@@ -239,6 +240,7 @@ def _rank_main(rank, world, port, method, official, args, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the official code's deprecated calls
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         table, notes = run_check(method, official, args)
