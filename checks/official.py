@@ -8,6 +8,8 @@ the official repository:
     moco     facebookresearch/moco          moco/builder.py (MoCo v2: --mlp, T = 0.2)
     adclr    facebookresearch/dino          vision_transformer.py, main_dino.py (DINO, the baseline
                                             of ADCLR: adclr.py with --query-weight 0)
+    densecl  WXinlong/DenseCL               openselfsup/models/densecl.py, necks.py, heads, backbones
+                                            (mmcv and OpenSelfSup's package __init__s: stand-ins)
 
 Nothing of the official code is part of this repository: it is imported from PATH at run time, by
 file location (its package names would clash with the method files'), without installing its
@@ -58,6 +60,7 @@ ATOL, RTOL = 1e-10, 1e-7
 METHODS = {
     "moco": ("vs_moco", "facebookresearch/moco"),
     "adclr": ("vs_dino", "facebookresearch/dino"),  # DINO: adclr.py --query-weight 0
+    "densecl": ("vs_densecl", "WXinlong/DenseCL"),
 }
 
 
