@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from official import cpu_cuda, import_project, load_mapped, mapped_grads
+from official import cpu_cuda, from_rank0, import_project, load_mapped, mapped_grads
 from stand_ins import import_openselfsup
 
 BATCH_PER_RANK, QUEUE, DIM = 4, 16, 128
@@ -39,14 +39,6 @@ def model_key(k):
 def views(step, rank, size):
     g = torch.Generator().manual_seed(1000 * step + rank)
     return tuple(torch.randn(BATCH_PER_RANK, 3, size, size, generator=g) for _ in range(2))
-
-
-def from_rank0(tensors):
-    out = {k: v.clone() for k, v in tensors.items()}
-    if dist.get_world_size() > 1:
-        for v in out.values():
-            dist.broadcast(v, src=0)
-    return out
 
 
 def check(path, cli, table, notes):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
-from official import cpu_cuda, import_file, import_project, load_mapped, mapped_grads
+from official import cpu_cuda, from_rank0, import_file, import_project, load_mapped, mapped_grads
 
 BATCH_PER_RANK, QUEUE, DIM = 4, 16, 128
 
@@ -38,15 +38,6 @@ def views(step, rank, size):
     """The two views of this rank's batch at `step`: the same tensors go to both implementations."""
     g = torch.Generator().manual_seed(1000 * step + rank)
     return tuple(torch.randn(BATCH_PER_RANK, 3, size, size, generator=g) for _ in range(2))
-
-
-def from_rank0(tensors):
-    """Rank 0's copy of each tensor (the rows about per-rank-by-design state show rank 0's)."""
-    out = {k: v.clone() for k, v in tensors.items()}
-    if dist.get_world_size() > 1:
-        for v in out.values():
-            dist.broadcast(v, src=0)
-    return out
 
 
 def check(path, cli, table, notes):
