@@ -63,6 +63,7 @@ METHODS = {
     "moco": ("vs_moco", "facebookresearch/moco"),
     "adclr": ("vs_dino", "facebookresearch/dino"),  # DINO: adclr.py --query-weight 0
     "densecl": ("vs_densecl", "WXinlong/DenseCL"),
+    "mcl": ("vs_mcl", "GuoQiushan/MCL"),
     "decon": ("vs_slotcon", "CVMI-Lab/SlotCon"),  # decon.py --decoder none: SlotCon, DeCon's baseline
 }
 
