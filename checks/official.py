@@ -1,39 +1,47 @@
 r"""Check a method file against its official code on identical weights and inputs.
 
-    python checks/official.py METHOD --official PATH [--commit HASH] [--steps 4] [--world 2]
+    python checks/official.py METHOD --official PATH [--steps 4] [--world 2] [--commit HASH]
 
-METHOD is one of the files at the repository root (see METHODS below); PATH is your own checkout of
-the official repository:
+METHOD is a method file; PATH is your own checkout of its official repository:
 
-    moco     facebookresearch/moco          moco/builder.py (MoCo v2: --mlp, T = 0.2)
-    adclr    facebookresearch/dino          vision_transformer.py, main_dino.py (DINO, the baseline
-                                            of ADCLR: adclr.py with --query-weight 0)
-    densecl  WXinlong/DenseCL               openselfsup/models/densecl.py, necks.py, heads, backbones
-                                            (mmcv and OpenSelfSup's package __init__s: stand-ins)
+    moco     facebookresearch/moco    moco/builder.py (MoCo v2: mlp=True, T 0.2), main_moco.py's loop
+    densecl  WXinlong/DenseCL         openselfsup/models/densecl.py, necks.py, heads, backbones
+    mcl      GuoQiushan/MCL           openselfsup/models/mcl.py, necks.py (FPN, region head), heads,
+                                      utils/optimizers.py, hooks/byol_hook.py, apis/train.py's
+                                      build_optimizer
+    decon    CVMI-Lab/SlotCon         models/slotcon.py, models/resnet.py, utils/lars.py,
+                                      utils/lr_scheduler.py (decon.py --decoder none: plain SlotCon)
+    adclr    facebookresearch/dino    main_dino.py (train_one_epoch, DINOLoss), vision_transformer.py,
+                                      utils.py (adclr.py --query-weight 0: plain DINO)
+
+Not covered: DeCon's own decoder code (the DeCon authors' repository could not be fetched here),
+decon_densecl.py (its reference is that repository too) and ADCLR's query path (no official ADCLR
+code; the authors' PQCL code implements a different loss). Each checks/vs_*.py docstring says what
+it builds and runs, and what is held fixed.
 
 Nothing of the official code is part of this repository: it is imported from PATH at run time, by
 file location (its package names would clash with the method files'), without installing its
-framework. Where it needs something this machine lacks (CUDA), the check replaces the few names it
-uses by stand-ins and prints which.
+framework. Where it imports something this machine lacks (CUDA, mmcv 0.x/1.0, OpenSelfSup's package
+__init__ files), the check provides the few names it uses (checks/stand_ins.py) and prints which.
 
 What is compared. Both models are built, the official weights are copied into the method file's
-model through an explicit key mapping (every key on both sides must be mapped, shapes equal), both
-get the same inputs (the views of every step, drawn here) and the same random choices (the seeded
-generator before each step, so the shuffle-BN permutation, drop-path masks etc. are the same
-draws), and both take --steps optimizer steps. The table then lists, per step, the loss and every
-parameter's gradient, and after the last step the weights, queues, centers and EMA networks.
-The official distributed code (all_gather, broadcast, DDP) runs in --world gloo processes on the
-CPU (default 2); rows cover every rank.
+model through an explicit key mapping (every key on both sides mapped, shapes equal), both get the
+same inputs (the views of every step, drawn here) and the same random choices: the seeded generator
+before each step where both draw alike (shuffle-BN permutations), and where they draw differently,
+the official draws recorded and replayed (DINO's drop-path masks, MCL's montage permutations).
+Both take --steps optimizer steps. The table lists, per step, the loss and every parameter's
+gradient (as the optimizer receives it), and after the last step the weights, BatchNorm statistics,
+queues, centers and EMA networks. The official distributed code (all_gather, broadcast, shuffle
+BN, DDP, center all-reduce) runs in --world gloo processes on the CPU (default 2); rows are per
+process and the table shows the worst one.
 
-Verdict: a row is EQUAL when max|mine - official| <= ATOL + RTOL * max|official| over the whole
-quantity (fp32 rounding of different but equivalent operation orders, a few steps deep), else
-DIFFERENT; the command exits 1 if any row is DIFFERENT. "max rel" is max|mine - official| divided
-by max|official|, the largest over the tensors of the row whose max|official| exceeds 1000 * ATOL
-(near-zero tensors, such as the gradients behind a zero-initialised BatchNorm gamma, are judged by
-ATOL alone). Rows are per process and the table shows the worst process.
+Verdict: everything runs in float64 (see ATOL below for why); a row is EQUAL when
+max|mine - official| <= ATOL + RTOL * max|official| over every tensor of the row, else DIFFERENT,
+and the command exits 1 if any row is DIFFERENT. "max rel" is max|mine - official| / max|official|,
+the largest over the row's tensors whose max|official| exceeds 1000 * ATOL (near-zero tensors, such
+as the gradients behind a zero-initialised BatchNorm gamma, are judged by ATOL alone).
 
-Defects of the official code that the method files deliberately do not reproduce are emulated on
-the official side only, and the output says so.
+docs/methods.md, "Checked against the official code", holds the measured tables and the commits.
 """
 import argparse
 import contextlib
@@ -65,6 +73,7 @@ METHODS = {
     "densecl": ("vs_densecl", "WXinlong/DenseCL"),
     "mcl": ("vs_mcl", "GuoQiushan/MCL"),
     "decon": ("vs_slotcon", "CVMI-Lab/SlotCon"),  # decon.py --decoder none: SlotCon, DeCon's baseline
+    "decon-sl": ("vs_decon", "the DeCon authors' repository"),  # decon.py: DeCon-SL
 }
 
 
@@ -277,6 +286,8 @@ def run_check(method, official, args):
     if str(CHECKS) not in sys.path:
         sys.path.insert(0, str(CHECKS))
     module = importlib.import_module(METHODS[method][0])
+    if hasattr(module, "KEEP_DEFECTS"):
+        module.KEEP_DEFECTS = args.keep_defects
     notes = set()
     table = Table()
     with float64(notes), warnings.catch_warnings():
@@ -323,6 +334,9 @@ def get_args(argv=None):
     p.add_argument("--world", type=int, default=2, help="gloo processes (the official DDP code runs in them)")
     p.add_argument("--arch", default=None, help="backbone (default: the method's small one)")
     p.add_argument("--image-size", type=int, default=None, help="crop side (default: the method's small one)")
+    p.add_argument("--keep-defects", action="store_true",
+                   help="decon-sl: run the official code with its two defects (default: emulate decon.py's fixes on "
+                        "the official side)")
     args = p.parse_args(argv)
     if not Path(args.official).is_dir():
         p.error(f"--official {args.official}: no such folder; give your checkout of {METHODS[args.method][1]}")

@@ -127,3 +127,109 @@ def import_openselfsup(path, models, notes):
               "model file are the official ones")
     return {m: importlib.import_module(f"openselfsup.models.{m}") for m in models}
 
+
+
+# -------------------------------------------------------------------------------------------------
+# detectron2 (the DeCon authors' FPN decoder subclasses detectron2's FPN)
+# -------------------------------------------------------------------------------------------------
+class _ShapeSpec:
+    """detectron2.layers.ShapeSpec: channels and stride of a feature map."""
+
+    def __init__(self, channels=None, height=None, width=None, stride=None):
+        self.channels, self.height, self.width, self.stride = channels, height, width, stride
+
+
+class _Backbone(nn.Module):
+    """detectron2.modeling.backbone.Backbone: output_shape() from the _out_feature_* fields."""
+
+    def output_shape(self):
+        return {name: _ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+                for name in self._out_features}
+
+
+class _Conv2d(nn.Conv2d):
+    """detectron2.layers.Conv2d: a conv with an optional norm and activation after it."""
+
+    def __init__(self, *args, **kwargs):
+        norm, activation = kwargs.pop("norm", None), kwargs.pop("activation", None)
+        super().__init__(*args, **kwargs)
+        self.norm, self.activation = norm, activation
+
+    def forward(self, x):
+        x = nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.activation(x) if self.activation is not None else x
+
+
+def _get_norm(norm, out_channels):
+    """detectron2.layers.get_norm for "" / "BN" / "SyncBN"; SyncBN is BatchNorm2d here (torch's
+    SyncBatchNorm needs CUDA under a process group)."""
+    if norm == "":
+        return None
+    return {"BN": nn.BatchNorm2d, "SyncBN": nn.BatchNorm2d}[norm](out_channels)
+
+
+def _c2_xavier_fill(module):
+    """detectron2 fvcore.nn.weight_init.c2_xavier_fill."""
+    nn.init.kaiming_uniform_(module.weight, a=1)
+    if module.bias is not None:
+        nn.init.constant_(module.bias, 0)
+
+
+class _LastLevelMaxPool(nn.Module):
+    """detectron2's LastLevelMaxPool (P6 from P5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_levels, self.in_feature = 1, "p5"
+
+    def forward(self, x):
+        return [nn.functional.max_pool2d(x, kernel_size=1, stride=2, padding=0)]
+
+
+class _FPN(_Backbone):
+    """detectron2.modeling.backbone.fpn.FPN.__init__ (the DeCon decoder overrides forward): per input
+    feature a lateral 1x1 and an output 3x3 detectron2 Conv2d with the norm (bias only without one),
+    c2_xavier_fill, registered as fpn_lateral<stage> / fpn_output<stage>, kept in top-down order."""
+
+    def __init__(self, bottom_up, in_features, out_channels, norm="", top_block=None, fuse_type="sum", square_pad=0):
+        super().__init__()
+        import math
+        shapes = bottom_up.output_shape()
+        strides = [shapes[f].stride for f in in_features]
+        lateral_convs, output_convs = [], []
+        use_bias = norm == ""
+        for idx, in_channels in enumerate(shapes[f].channels for f in in_features):
+            lateral_conv = _Conv2d(in_channels, out_channels, kernel_size=1, bias=use_bias,
+                                   norm=_get_norm(norm, out_channels))
+            output_conv = _Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=use_bias,
+                                  norm=_get_norm(norm, out_channels))
+            _c2_xavier_fill(lateral_conv)
+            _c2_xavier_fill(output_conv)
+            stage = int(math.log2(strides[idx]))
+            self.add_module(f"fpn_lateral{stage}", lateral_conv)
+            self.add_module(f"fpn_output{stage}", output_conv)
+            lateral_convs.append(lateral_conv)
+            output_convs.append(output_conv)
+        self.lateral_convs, self.output_convs = lateral_convs[::-1], output_convs[::-1]
+        self.top_block, self.in_features, self.bottom_up = top_block, tuple(in_features), bottom_up
+        self._out_feature_strides = {f"p{int(math.log2(s))}": s for s in strides}
+        if self.top_block is not None:
+            for s in range(stage, stage + self.top_block.num_levels):
+                self._out_feature_strides[f"p{s + 1}"] = 2 ** (s + 1)
+        self._out_features = list(self._out_feature_strides.keys())
+        self._out_feature_channels = {k: out_channels for k in self._out_features}
+        self._size_divisibility, self._square_pad = strides[-1], square_pad
+        assert fuse_type in {"avg", "sum"}
+        self._fuse_type = fuse_type
+
+
+def install_detectron2(notes):
+    """detectron2.modeling.backbone.fpn.{FPN, LastLevelMaxPool} and .backbone.Backbone."""
+    for name in ("detectron2", "detectron2.modeling", "detectron2.modeling.backbone"):
+        _package(name)
+    fpn, backbone = _package("detectron2.modeling.backbone.fpn"), _package("detectron2.modeling.backbone.backbone")
+    fpn.FPN, fpn.LastLevelMaxPool, backbone.Backbone = _FPN, _LastLevelMaxPool, _Backbone
+    notes.add("stand-ins for detectron2: Backbone.output_shape, FPN.__init__ (detectron2's: Conv2d with norm, "
+              "c2_xavier_fill, fpn_lateral<s>/fpn_output<s>), LastLevelMaxPool, get_norm with SyncBN -> BatchNorm2d")
