@@ -74,6 +74,7 @@ METHODS = {
     "mcl": ("vs_mcl", "GuoQiushan/MCL"),
     "decon": ("vs_slotcon", "CVMI-Lab/SlotCon"),  # decon.py --decoder none: SlotCon, DeCon's baseline
     "decon-sl": ("vs_decon", "the DeCon authors' repository"),  # decon.py: DeCon-SL
+    "decon-ml": ("vs_decon_ml", "the DeCon authors' repository"),  # decon.py --deep-supervision
 }
 
 

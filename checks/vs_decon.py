@@ -1,4 +1,4 @@
-"""decon.py (DeCon-SL: FPN decoder, P2 head, over SlotCon) against the DeCon authors' code: their
+"""decon.py (DeCon-SL: FPN decoder, P2 head, over SlotCon; DeCon-ML through vs_decon_ml.py) against the DeCon authors' code: their
 SlotCon fork's models/slotcon.py (SlotCon(..., use_decoder=True), decoder_q / decoder_k) and
 decoder.py (FPNDecoder over detectron2's FPN, CustomEncoder_FPN), found under PATH.
 
@@ -28,10 +28,12 @@ from stand_ins import install_detectron2
 from vs_slotcon import BATCH_PER_RANK, EPOCHS, batch
 
 KEEP_DEFECTS = False  # set by official.py --keep-defects
+DEEP_SUPERVISION = False  # DeCon-ML: vs_decon_ml.py sets it
 
 
 def model_key(k):
-    """DeCon SlotCon key -> key in decon.py's {student, teacher, predictors} (heads 0 = encoder, 1 = P2)."""
+    """DeCon SlotCon key -> key in decon.py's {student, teacher, predictors}; heads and predictors:
+    0 = encoder, 1 = P2 (DeCon-SL) or 1-4 = P2-P5 (DeCon-ML, the official ModuleLists' index + 1)."""
     m = re.fullmatch(r"decoder_([qk])\.fpn_(lateral|output)(\d)\.(norm\.)?(.+)", k)
     if m:
         net = "student" if m[1] == "q" else "teacher"
@@ -39,19 +41,22 @@ def model_key(k):
         if m[2] == "lateral":
             return f"{net}.decoder.lateral.{int(m[3]) - 2}.{which}.{m[5]}"
         return f"{net}.decoder.output.p{m[3]}.{which}.{m[5]}"
+    m = re.fullmatch(r"dec_(projector|grouping)_([qk])\.(?:(\d)\.)?(mlp|slot_embed)\.(.+)", k)
+    if m:
+        net, head = ("student" if m[2] == "q" else "teacher"), 1 + int(m[3] or 0)
+        return f"{net}.heads.{head}.{'projector' if m[1] == 'projector' else 'prototypes'}.{m[5]}"
+    m = re.fullmatch(r"dec_predictor_slot\.(?:(\d)\.)?mlp\.(.+)", k)
+    if m:
+        return f"predictors.{1 + int(m[1] or 0)}.{m[2]}"
     for official, mine in (("encoder_q.", "student.encoder."), ("encoder_k.", "teacher.encoder."),
                            ("projector_q.mlp.", "student.heads.0.projector."),
                            ("projector_k.mlp.", "teacher.heads.0.projector."),
                            ("grouping_q.slot_embed.", "student.heads.0.prototypes."),
                            ("grouping_k.slot_embed.", "teacher.heads.0.prototypes."),
-                           ("dec_projector_q.mlp.", "student.heads.1.projector."),
-                           ("dec_projector_k.mlp.", "teacher.heads.1.projector."),
-                           ("dec_grouping_q.slot_embed.", "student.heads.1.prototypes."),
-                           ("dec_grouping_k.slot_embed.", "teacher.heads.1.prototypes."),
-                           ("predictor_slot.mlp.", "predictors.0."), ("dec_predictor_slot.mlp.", "predictors.1.")):
+                           ("predictor_slot.mlp.", "predictors.0.")):
         if k.startswith(official):
             return mine + k[len(official):]
-    if k in ("center", "center_dec"):
+    if k == "center" or k.startswith("center_dec"):
         return None  # compared on their own
     raise KeyError(k)
 
@@ -75,11 +80,12 @@ def check(path, cli, table, notes):
     slotcon = import_file(slotcon_file, "official_decon_slotcon")  # imports decoder.py from parents[2] itself
     lars = import_file(find(path, "lars.py", "class LARS"), "official_decon_lars")
     decon, common = import_project("decon"), import_project("common")
-    args = decon.get_args(["--decoder", "fpn", "--arch", arch, "--image-size", str(size), "--num-prototypes", "16",
+    ml = ["--deep-supervision", "--skip-channel-dropout", "0.5"] if DEEP_SUPERVISION else []
+    args = decon.get_args(ml + ["--decoder", "fpn", "--arch", arch, "--image-size", str(size), "--num-prototypes", "16",
                            "--dim-hidden", "64", "--dim-out", "32", "--teacher-momentum", "0.9", "--batch-size",
                            str(BATCH_PER_RANK * world), "--epochs", str(EPOCHS), "--warmup-epochs", "1", "--lr", "2.0",
                            "--amp", "fp32"])
-    notes.add(f"DeCon-SL: {arch} at {size} px (C5 {size // 32} x {size // 32}, P2 {size // 4} x {size // 4}), "
+    notes.add(f"{'DeCon-ML (P2-P5, skip channel dropout 0.5, seeded alike)' if DEEP_SUPERVISION else 'DeCon-SL'}: {arch} at {size} px (C5 {size // 32} x {size // 32}, P2 {size // 4} x {size // 4}), "
               f"{BATCH_PER_RANK} images per process, K 16 prototypes per head, hidden 64, out 32, alpha "
               f"{args.encoder_loss_weight}, teacher momentum 0.9 -> 1; LARS base lr {args.lr} x N/256 constant over "
               f"the {steps} steps compared (epoch 2 of {EPOCHS})")
@@ -89,8 +95,8 @@ def check(path, cli, table, notes):
     official_args = argparse.Namespace(
         arch=arch, dim_hidden=args.dim_hidden, dim_out=args.dim_out, teacher_momentum=args.teacher_momentum,
         decoder_downstream_dataset="cityscapes", decoder_type="FPN", no_ddp=False, sk_dropout_prob=0.0,
-        sk_channel_dropout_prob=0.0, decoder_deep_supervision=False, group_loss_weight=args.group_loss_weight,
-        group_loss_weight_dec=args.decoder_group_loss_weight, encoder_loss_weight=args.encoder_loss_weight,
+        sk_channel_dropout_prob=args.skip_channel_dropout, decoder_deep_supervision=DEEP_SUPERVISION,
+        group_loss_weight=args.group_loss_weight, group_loss_weight_dec=args.decoder_group_loss_weight, encoder_loss_weight=args.encoder_loss_weight,
         student_temp=args.student_temp, teacher_temp=args.teacher_temp, num_prototypes=args.num_prototypes,
         num_prototypes_dec=0, center_momentum=args.center_momentum, num_instances=steps * BATCH_PER_RANK * world,
         world_size=world, batch_size=BATCH_PER_RANK, epochs=EPOCHS, start_epoch=1)
@@ -125,11 +131,14 @@ def check(path, cli, table, notes):
     ref.re_init(official_args)
 
     student, teacher = decon.Network(args), decon.Network(args).requires_grad_(False)
-    predictors = nn.ModuleList([decon.mlp(args.dim_out, args.dim_hidden, args.dim_out, conv=False) for _ in range(2)])
+    n_heads = len(student.heads)
+    predictors = nn.ModuleList([decon.mlp(args.dim_out, args.dim_hidden, args.dim_out, conv=False)
+                                for _ in range(n_heads)])
     mine = nn.ModuleDict({"student": student, "teacher": teacher, "predictors": predictors})
     load_mapped(mine, ref.state_dict(), model_key)
-    centers = [ref.center.view(-1).clone(), ref.center_dec.view(-1).clone()]
-    weights = decon.head_weights(args, 2)
+    dec_centers = [f"center_dec_{i}" for i in range(4)] if DEEP_SUPERVISION else ["center_dec"]
+    centers = [ref.center.view(-1).clone()] + [getattr(ref, c).view(-1).clone() for c in dec_centers]
+    weights = decon.head_weights(args, n_heads)
     params_s, params_t = list(student.parameters()), list(teacher.parameters())
     optimizer = common.LARS(common.lars_param_groups(nn.ModuleList([student, predictors])), lr=args.scaled_lr,
                             weight_decay=args.weight_decay)
@@ -139,6 +148,7 @@ def check(path, cli, table, notes):
     for i in range(steps):
         step = steps + i
         views, boxes, flips = batch(step, rank, size)
+        torch.manual_seed(step)  # the skip-connection dropout masks (DeCon-ML): the same draws, in the same order
         with cpu_cuda(notes):
             loss_ref, logs = ref_ddp(([v.clone() for v in views], [boxes[:, 0].clone(), boxes[:, 1].clone()],
                                       [flips[:, 0].clone(), flips[:, 1].clone()]))
@@ -146,12 +156,14 @@ def check(path, cli, table, notes):
         loss_ref.backward()
         ref_opt.step()
         grads = mapped_grads(ref.named_parameters(), model_key)
+        torch.manual_seed(step)
         loss = decon.train_step(([v.clone() for v in views], boxes.clone(), flips.clone()), model_s, teacher, predictors,
                                 centers, params_t, params_s, m_schedule[step], optimizer,
                                 torch.amp.GradScaler("cpu", enabled=False), weights, args, None, torch.device("cpu"))
         table.add(f"step {i + 1}: loss", loss_ref.detach(), loss[0])
         table.add(f"step {i + 1}: encoder head loss", logs["encoder_loss"].detach(), loss[1])
-        table.add(f"step {i + 1}: decoder (P2) head loss", logs["decoder_loss"].detach(), loss[2])
+        table.add(f"step {i + 1}: decoder head loss{' (mean of P2-P5)' if DEEP_SUPERVISION else ' (P2)'}",
+                  logs["decoder_loss"].detach(), loss[2:].mean())
         my_grads = {f"student.{n}": p.grad for n, p in student.named_parameters() if p.grad is not None}
         my_grads.update({f"predictors.{n}": p.grad for n, p in predictors.named_parameters() if p.grad is not None})
         table.add(f"step {i + 1}: gradients", grads, my_grads)
@@ -163,16 +175,19 @@ def check(path, cli, table, notes):
                                          if k.startswith(prefix) and is_bn_statistic(k) == stats}
     table.add(f"{after} student weights", pick(ref_state, "student.", False), pick(my_state, "student.", False))
     table.add(f"{after} student BN statistics", pick(ref_state, "student.", True), pick(my_state, "student.", True))
-    for prefix, name in (("teacher.encoder.", "teacher encoder"), ("teacher.decoder.", "teacher decoder (FPN)"),
-                         ("teacher.heads.0.projector.", "teacher encoder projector"),
-                         ("teacher.heads.0.prototypes.", "teacher encoder prototypes"),
-                         ("teacher.heads.1.projector.", "teacher decoder projector"),
-                         ("teacher.heads.1.prototypes.", "teacher decoder prototypes")):
-        table.add(f"{after} {name} (EMA)", pick(ref_state, prefix, False), pick(my_state, prefix, False))
+    for part, name in (("encoder.", "teacher encoder"), ("decoder.", "teacher decoder (FPN)"),
+                       ("heads.0.projector.", "teacher encoder projector"),
+                       ("heads.0.prototypes.", "teacher encoder prototypes")):
+        table.add(f"{after} {name} (EMA)", pick(ref_state, "teacher." + part, False), pick(my_state, "teacher." + part, False))
+    for part in ("projector", "prototypes"):
+        dec = lambda state: {k: v.double() for k, v in state.items() if re.match(rf"teacher\.heads\.[1-9]\.{part}\.", k)
+                             and not is_bn_statistic(k)}
+        table.add(f"{after} teacher decoder {part} (EMA)", dec(ref_state), dec(my_state))
     table.add(f"{after} teacher BN statistics (rank 0)", from_rank0(pick(ref_state, "teacher.", True)),
               from_rank0(pick(my_state, "teacher.", True)))
     table.add(f"{after} predictors weights", pick(ref_state, "predictors.", False), pick(my_state, "predictors.", False))
     table.add(f"{after} predictors BN statistics (rank 0)", from_rank0(pick(ref_state, "predictors.", True)),
               from_rank0(pick(my_state, "predictors.", True)))
     table.add(f"{after} encoder center", ref.center.view(-1), centers[0])
-    table.add(f"{after} decoder center", ref.center_dec.view(-1), centers[1])
+    for c, mine_c in zip(dec_centers, centers[1:]):
+        table.add(f"{after} decoder center{c[len('center_dec'):]}", getattr(ref, c).view(-1), mine_c)

@@ -205,7 +205,8 @@ def check(path, cli, table, notes):
     table.add(f"{after} target (EMA)", pick(ref_state, "target.", False), pick(my_state, "target.", False))
     for prefix, name in (("student.online.encoder.", "online ResNet"), ("student.online.fpn.", "online FPN"),
                          ("student.online.head.", "online region head"), ("student.predictors.", "predictors"),
-                         ("target.encoder.", "target ResNet"), ("target.fpn.lateral.3", "target FPN (P5 path)"),
-                         ("target.fpn.output.p5", "target FPN (P5 path) output"), ("target.head.", "target region head")):
+                         ("target.encoder.", "target ResNet"), ("target.fpn.lateral.3", "target FPN P5 lateral"),
+                         ("target.fpn.output.p5", "target FPN P5 output"), ("target.fpn.lateral.0", "target FPN P2 lateral"),
+                         ("target.fpn.output.p2", "target FPN P2 output"), ("target.head.", "target region head")):
         table.add(f"{after} {name} BN statistics (rank 0)", from_rank0(pick(ref_state, prefix, True)),
                   from_rank0(pick(my_state, prefix, True)))
