@@ -126,8 +126,13 @@ def test_moco_check_against_stand_in(tmp_path, capsys, defect):
     rc = official.main(["moco", "--official", str(path), "--world", "1", "--steps", "2", "--image-size", "32"])
     out = capsys.readouterr().out
     assert "at unknown" in out and "stand-in: torch.Tensor.cuda" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in out.splitlines()
+            if line.startswith("| step") or line.startswith("| after")}
     if defect:
         assert rc == 1 and "moco: DIFFERENT" in out
-        assert "step 1: loss" in out.split("DIFFERENT")[0]  # the first step's loss already differs
+        # step 1: the key encoder still equals the query encoder, so when it moves does not matter yet
+        assert rows["step 1: loss"] == "EQUAL" and rows["step 2: loss"] == "DIFFERENT"
+        # the EMA itself is the same update, only later in the step: the keys (so the queue) differ, not its weights
+        assert rows["after 2: queue"] == "DIFFERENT" and rows["after 2: key encoder (EMA) weights (64 tensors)"] == "EQUAL"
     else:
         assert rc == 0 and "moco: EQUAL" in out and "DIFFERENT" not in out
