@@ -11,12 +11,14 @@ METHOD is a method file; PATH is your own checkout of its official repository:
                                       build_optimizer
     decon    CVMI-Lab/SlotCon         models/slotcon.py, models/resnet.py, utils/lars.py,
                                       utils/lr_scheduler.py (decon.py --decoder none: plain SlotCon)
+    decon-sl the DeCon authors' fork  its models/slotcon.py (decoder_q/k) and decoder.py (detectron2 FPN),
+                                      found anywhere under PATH (decon.py: DeCon-SL)
+    decon-ml the same                 decon.py --deep-supervision --skip-channel-dropout 0.5
     adclr    facebookresearch/dino    main_dino.py (train_one_epoch, DINOLoss), vision_transformer.py,
                                       utils.py (adclr.py --query-weight 0: plain DINO)
 
-Not covered: DeCon's own decoder code (the DeCon authors' repository could not be fetched here),
-decon_densecl.py (its reference is that repository too) and ADCLR's query path (no official ADCLR
-code; the authors' PQCL code implements a different loss). Each checks/vs_*.py docstring says what
+Not covered: decon_densecl.py and the FCN decoder, and ADCLR's query path (no official ADCLR code;
+the authors' PQCL code implements a different loss). Each checks/vs_*.py docstring says what
 it builds and runs, and what is held fixed.
 
 Nothing of the official code is part of this repository: it is imported from PATH at run time, by
@@ -61,10 +63,10 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = Path(__file__).resolve().parent
-# EQUAL within ATOL + RTOL * max|official|. The comparison runs in float64: a tiny ResNet on a few
-# images is so ill-conditioned that fp32 rounding (1e-7) moves some gradients by 30% within a step
-# (measured: the official MoCo against itself with weights perturbed by 1e-7), while in float64 the
-# same check on the same weights moves them by 1e-13; any real difference is many orders above this.
+# EQUAL within ATOL + RTOL * max|official|. The comparison runs in float64: a tiny network on a few
+# images is ill-conditioned enough that fp32 rounding differences of two equivalent operation orders
+# grow into visible gradient differences within a few steps; in float64 they stay near 1e-13
+# relative (docs/methods.md), and a real difference shows many orders above RTOL.
 ATOL, RTOL = 1e-10, 1e-7
 # METHOD: (module in checks/ that knows the official code, the official repository)
 METHODS = {
