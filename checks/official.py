@@ -47,6 +47,7 @@ docs/methods.md, "Checked against the official code", holds the measured tables 
 """
 import argparse
 import contextlib
+import datetime
 import importlib
 import importlib.util
 import os
@@ -275,11 +276,16 @@ def _rank_main(rank, world, port, method, official, args, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    # a rank that stops (bad PATH) leaves the other waiting in a collective: not for gloo's 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=datetime.timedelta(minutes=10))
     try:
         table, notes = run_check(method, official, args)
         with open(f"{out}.{rank}", "wb") as f:
             pickle.dump((table, notes), f)
+    except SystemExit as e:  # a clear one-line message: handed to the parent
+        with open(f"{out}.error", "w") as f:
+            f.write(str(e))
     finally:
         dist.destroy_process_group()
 
@@ -316,6 +322,8 @@ def run_ranks(method, official, args):
                     os.environ.pop(k, None)
         torch.multiprocessing.start_processes(_rank_main, args=(args.world, port, method, str(official), args, out),
                                               nprocs=args.world, start_method="spawn")
+        if os.path.exists(f"{out}.error"):
+            raise SystemExit(open(f"{out}.error").read())
         results = []
         for rank in range(args.world):
             with open(f"{out}.{rank}", "rb") as f:

@@ -108,8 +108,11 @@ def import_openselfsup(path, models, notes):
     folder), after the mmcv stand-ins; the package __init__ files of openselfsup, openselfsup.utils
     and openselfsup.models are skipped (they import the data and training code), the rest is the
     official code. Returns {m: module}."""
-    install_mmcv(notes)
     root = path / "openselfsup"
+    if not (root / "models").is_dir():
+        raise SystemExit(f"{path}: no openselfsup/models folder; --official must be a checkout of the official "
+                         f"OpenSelfSup-based repository")
+    install_mmcv(notes)
     for name in list(sys.modules):  # a fresh import per check
         if name == "openselfsup" or name.startswith("openselfsup."):
             del sys.modules[name]
