@@ -14,10 +14,11 @@ METHOD is a method file; PATH is your own checkout of its official repository:
     decon-sl the DeCon authors' fork  its models/slotcon.py (decoder_q/k) and decoder.py (detectron2 FPN),
                                       found anywhere under PATH (decon.py: DeCon-SL)
     decon-ml the same                 decon.py --deep-supervision --skip-channel-dropout 0.5
+    decon-fcn the same                decon.py --decoder fcn --fcn-channels 512 --fcn-dilation 1
     adclr    facebookresearch/dino    main_dino.py (train_one_epoch, DINOLoss), vision_transformer.py,
                                       utils.py (adclr.py --query-weight 0: plain DINO)
 
-Not covered: decon_densecl.py and the FCN decoder, and ADCLR's query path (no official ADCLR code;
+Not covered: decon_densecl.py and ADCLR's query path (no official ADCLR code;
 the authors' PQCL code implements a different loss). Each checks/vs_*.py docstring says what
 it builds and runs, and what is held fixed.
 
@@ -78,6 +79,7 @@ METHODS = {
     "decon": ("vs_slotcon", "CVMI-Lab/SlotCon"),  # decon.py --decoder none: SlotCon, DeCon's baseline
     "decon-sl": ("vs_decon", "the DeCon authors' repository"),  # decon.py: DeCon-SL
     "decon-ml": ("vs_decon_ml", "the DeCon authors' repository"),  # decon.py --deep-supervision
+    "decon-fcn": ("vs_decon_fcn", "the DeCon authors' repository"),  # decon.py --decoder fcn
 }
 
 

@@ -29,6 +29,7 @@ from vs_slotcon import BATCH_PER_RANK, EPOCHS, batch
 
 KEEP_DEFECTS = False  # set by official.py --keep-defects
 DEEP_SUPERVISION = False  # DeCon-ML: vs_decon_ml.py sets it
+FCN = False  # the FCN decoder on C5: vs_decon_fcn.py sets it
 
 
 def model_key(k):
@@ -41,6 +42,10 @@ def model_key(k):
         if m[2] == "lateral":
             return f"{net}.decoder.lateral.{int(m[3]) - 2}.{which}.{m[5]}"
         return f"{net}.decoder.output.p{m[3]}.{which}.{m[5]}"
+    m = re.fullmatch(r"decoder_([qk])\.convs\.(\d)\.(conv|bn)\.(.+)", k)  # FCN: two conv-BN-ReLU modules
+    if m:
+        net = "student" if m[1] == "q" else "teacher"
+        return f"{net}.decoder.{3 * int(m[2]) + (0 if m[3] == 'conv' else 1)}.{m[4]}"
     m = re.fullmatch(r"dec_(projector|grouping)_([qk])\.(?:(\d)\.)?(mlp|slot_embed)\.(.+)", k)
     if m:
         net, head = ("student" if m[2] == "q" else "teacher"), 1 + int(m[3] or 0)
@@ -71,7 +76,7 @@ def find(path, name, must_contain):
 
 
 def check(path, cli, table, notes):
-    arch, size = cli.arch or "resnet50", cli.image_size or 64
+    arch, size = cli.arch or ("resnet18" if FCN else "resnet50"), cli.image_size or (96 if FCN else 64)
     world, rank = dist.get_world_size(), dist.get_rank()
     steps = cli.steps
     slotcon_file = find(path, "slotcon.py", "decoder_q")
@@ -81,11 +86,14 @@ def check(path, cli, table, notes):
     lars = import_file(find(path, "lars.py", "class LARS"), "official_decon_lars")
     decon, common = import_project("decon"), import_project("common")
     ml = ["--deep-supervision", "--skip-channel-dropout", "0.5"] if DEEP_SUPERVISION else []
-    args = decon.get_args(ml + ["--decoder", "fpn", "--arch", arch, "--image-size", str(size), "--num-prototypes", "16",
+    decoder = ["--decoder", "fcn", "--fcn-channels", "512", "--fcn-dilation", "1"] if FCN else ["--decoder", "fpn"]
+    args = decon.get_args(ml + decoder + ["--arch", arch, "--image-size", str(size), "--num-prototypes", "16",
                            "--dim-hidden", "64", "--dim-out", "32", "--teacher-momentum", "0.9", "--batch-size",
                            str(BATCH_PER_RANK * world), "--epochs", str(EPOCHS), "--warmup-epochs", "1", "--lr", "2.0",
                            "--amp", "fp32"])
-    notes.add(f"{'DeCon-ML (P2-P5, skip channel dropout 0.5, seeded alike)' if DEEP_SUPERVISION else 'DeCon-SL'}: {arch} at {size} px (C5 {size // 32} x {size // 32}, P2 {size // 4} x {size // 4}), "
+    variant = ("DeCon with the FCN decoder (the official ade20k setting: 512 channels, dilation 1)" if FCN else
+               "DeCon-ML (P2-P5, skip channel dropout 0.5, seeded alike)" if DEEP_SUPERVISION else "DeCon-SL")
+    notes.add(f"{variant}: {arch} at {size} px (C5 {size // 32} x {size // 32}, P2 {size // 4} x {size // 4}), "
               f"{BATCH_PER_RANK} images per process, K 16 prototypes per head, hidden 64, out 32, alpha "
               f"{args.encoder_loss_weight}, teacher momentum 0.9 -> 1; LARS base lr {args.lr} x N/256 constant over "
               f"the {steps} steps compared (epoch 2 of {EPOCHS})")
@@ -94,7 +102,7 @@ def check(path, cli, table, notes):
 
     official_args = argparse.Namespace(
         arch=arch, dim_hidden=args.dim_hidden, dim_out=args.dim_out, teacher_momentum=args.teacher_momentum,
-        decoder_downstream_dataset="cityscapes", decoder_type="FPN", no_ddp=False, sk_dropout_prob=0.0,
+        decoder_downstream_dataset="ade20k" if FCN else "cityscapes", decoder_type="FCN" if FCN else "FPN", no_ddp=False, sk_dropout_prob=0.0,
         sk_channel_dropout_prob=args.skip_channel_dropout, decoder_deep_supervision=DEEP_SUPERVISION,
         group_loss_weight=args.group_loss_weight, group_loss_weight_dec=args.decoder_group_loss_weight, encoder_loss_weight=args.encoder_loss_weight,
         student_temp=args.student_temp, teacher_temp=args.teacher_temp, num_prototypes=args.num_prototypes,
@@ -162,7 +170,7 @@ def check(path, cli, table, notes):
                                 torch.amp.GradScaler("cpu", enabled=False), weights, args, None, torch.device("cpu"))
         table.add(f"step {i + 1}: loss", loss_ref.detach(), loss[0])
         table.add(f"step {i + 1}: encoder head loss", logs["encoder_loss"].detach(), loss[1])
-        table.add(f"step {i + 1}: decoder head loss{' (mean of P2-P5)' if DEEP_SUPERVISION else ' (P2)'}",
+        table.add(f"step {i + 1}: decoder head loss{' (mean of P2-P5)' if DEEP_SUPERVISION else '' if FCN else ' (P2)'}",
                   logs["decoder_loss"].detach(), loss[2:].mean())
         my_grads = {f"student.{n}": p.grad for n, p in student.named_parameters() if p.grad is not None}
         my_grads.update({f"predictors.{n}": p.grad for n, p in predictors.named_parameters() if p.grad is not None})
@@ -175,7 +183,7 @@ def check(path, cli, table, notes):
                                          if k.startswith(prefix) and is_bn_statistic(k) == stats}
     table.add(f"{after} student weights", pick(ref_state, "student.", False), pick(my_state, "student.", False))
     table.add(f"{after} student BN statistics", pick(ref_state, "student.", True), pick(my_state, "student.", True))
-    for part, name in (("encoder.", "teacher encoder"), ("decoder.", "teacher decoder (FPN)"),
+    for part, name in (("encoder.", "teacher encoder"), ("decoder.", f"teacher decoder ({'FCN' if FCN else 'FPN'})"),
                        ("heads.0.projector.", "teacher encoder projector"),
                        ("heads.0.prototypes.", "teacher encoder prototypes")):
         table.add(f"{after} {name} (EMA)", pick(ref_state, "teacher." + part, False), pick(my_state, "teacher." + part, False))
