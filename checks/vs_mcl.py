@@ -18,6 +18,8 @@ mcl.py's order (all ratios of branch 1, then branch 2).
 """
 import ast
 import re
+import sys
+import types
 
 import torch
 import torch.distributed as dist
@@ -121,8 +123,6 @@ def check(path, cli, table, notes):
                                                 "bias": dict(weight_decay=0., lars_exclude=True)}))
 
     # BYOLHook, with the mmcv names it imports (Hook.every_n_iters, is_module_wrapper) and a runner of its fields.
-    import sys
-    import types
     runner_mod = sys.modules["mmcv.runner"]
     runner_mod.Hook = type("Hook", (), {"every_n_iters": lambda self, runner, n: (runner.iter + 1) % n == 0 if n > 0
                                         else False})
