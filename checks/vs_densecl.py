@@ -73,7 +73,7 @@ def check(path, cli, table, notes):
     for k in ("queue_ptr", "queue2_ptr"):
         state[k] = state[k].view(())
     load_mapped(mine, state, model_key)
-    params_q, params_k = list(encoder_q.parameters()), list(encoder_k.parameters())
+    params_q = list(encoder_q.parameters())
     optimizer = torch.optim.SGD(params_q, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay,
                                 foreach=True)
     model_q = nn.parallel.DistributedDataParallel(encoder_q) if world > 1 else encoder_q
@@ -88,8 +88,8 @@ def check(path, cli, table, notes):
         ref_loss.backward()  # DistOptimizerHook.after_train_iter
         ref_opt.step()
         torch.manual_seed(step)
-        loss = densecl.train_step((im_q.clone(), im_k.clone()), model_q, encoder_k, queue, queue2, params_k, params_q,
-                                  optimizer, scaler, args.loss_lambda, args, None, torch.device("cpu"))
+        state = densecl.State(model_q, encoder_k, queue, queue2, optimizer, scaler, None, torch.device("cpu"))
+        loss = densecl.train_step((im_q.clone(), im_k.clone()), state, step - 1 + args.dense_warmup_iters, args)
         grads = mapped_grads(ref.named_parameters(), model_key)
         ref_opt.zero_grad()
         table.add(f"step {step}: loss", ref_loss.detach(), loss[0])

@@ -155,10 +155,10 @@ def check(path, cli, table, notes):
             step = epoch * steps + i
             my_opt.param_groups[0]["lr"] = my_opt.param_groups[1]["lr"] = my_lr[step]
             my_opt.param_groups[0]["weight_decay"] = my_wd[step]
-            sched = {"momentum": my_m[step], "teacher_temp": float(my_temp[epoch])}
-            loss = adclr.train_step(([t.clone() for t in g], [t.clone() for t in l], torch.zeros(0)), model_s, mine_t,
-                                    centers, params_t, params_s, my_opt, None or torch.amp.GradScaler("cpu", enabled=False),
-                                    sched, epoch, args, None, torch.device("cpu"))
+            state = adclr.State(model_s, mine_t, centers[0], centers[1], my_opt,
+                                torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+            loss = adclr.train_step(([t.clone() for t in g], [t.clone() for t in l], torch.zeros(0)), state, epoch,
+                                    my_m[step], float(my_temp[epoch]), args)
             table.add(f"step {i + 1}: loss", losses[i].detach(), loss[0])
             table.add(f"step {i + 1}: gradients (clipped)", grads[i],
                       {n: p.grad for n, p in mine_s.named_parameters() if p.grad is not None})

@@ -67,7 +67,7 @@ def check(path, cli, table, notes):
     state = dict(ref.state_dict())
     state["queue_ptr"] = state["queue_ptr"].view(())  # official (1,), mine () : the same pointer
     load_mapped(mine, state, model_key)
-    params_q, params_k = list(encoder_q.parameters()), list(encoder_k.parameters())
+    params_q = list(encoder_q.parameters())
     optimizer = torch.optim.SGD(params_q, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay,
                                 foreach=True)
     model_q = nn.parallel.DistributedDataParallel(encoder_q) if world > 1 else encoder_q
@@ -83,8 +83,8 @@ def check(path, cli, table, notes):
         ref_loss.backward()
         ref_opt.step()
         torch.manual_seed(step)
-        loss = moco.train_step((im_q.clone(), im_k.clone()), model_q, encoder_k, queue, params_k, params_q,
-                               optimizer, scaler, args, None, torch.device("cpu"))
+        state = moco.State(model_q, encoder_k, queue, optimizer, scaler, None, torch.device("cpu"))
+        loss = moco.train_step((im_q.clone(), im_k.clone()), state, args)
         table.add(f"step {step}: loss", ref_loss.detach(), loss)
         table.add(f"step {step}: gradients", mapped_grads(ref.named_parameters(), model_key),
                   {f"encoder_q.{n}": p.grad for n, p in encoder_q.named_parameters()})
