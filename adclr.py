@@ -86,7 +86,7 @@ BICUBIC = v2.InterpolationMode.BICUBIC
 # Arguments
 # =================================================================================================
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="ADCLR pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="ADCLR pre-training", formatter_class=common.HelpFormatter)
     p.add_argument("--arch", default="vit_small", choices=list(common.VIT_ARCHS), help="paper: vit_small")
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--out-dim", type=int, default=65536, help="DINO head output dimension (DINO: 65536)")
@@ -110,8 +110,9 @@ def get_args(argv=None):
     p.add_argument("--teacher-temp", type=float, default=0.07, help="after warm-up (DINO ViT-S: 0.07)")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
     p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30)
-    p.add_argument("--student-temp", type=float, default=0.1)
-    p.add_argument("--center-momentum", type=float, default=0.9)
+    p.add_argument("--student-temp", type=float, default=0.1, help="student's softmax temperature (DINO: 0.1)")
+    p.add_argument("--center-momentum", type=float, default=0.9,
+                   help="EMA momentum of the centers subtracted from the teacher's outputs (DINO: 0.9)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW lr per 256 images (DINO: 5e-4)")
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--warmup-epochs", type=float, default=10)

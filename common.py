@@ -30,6 +30,7 @@ Contents (one banner section each, in this order):
                                       load_checkpoint, CheckpointError, save_downstream
 13. The loop's plumbing              Loop: resume, epochs and bars, logging, checks, saving, stop signals
 """
+import argparse
 import atexit
 import datetime
 import errno
@@ -1180,18 +1181,32 @@ def split_batch(parser, args):
     args.batch_per_rank = args.batch_size // args.world_size
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where there is none (None) or the help says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_run_args(parser, epochs, batch_size, epochs_help=None):
     """Flags shared by every training loop: schedule length, batch, precision, logging, output. Under
     torchrun, a bad flag is reported by one process per node (see fail); the others exit with 2."""
     if int(os.environ.get("LOCAL_RANK", 0)) > 0:
         parser.error = lambda message: sys.exit(2)
-    parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help or f"training epochs (paper: {epochs})")
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help=epochs_help or "training epochs (the file's recipe: its docstring says whose)")
     parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help=f"global batch over all processes (paper: {batch_size})")
+                        help="global batch over all processes (the file's recipe); the lr follows its scaling rule")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                        help="mixed precision: auto = bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA; slower start)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; fp16 adds a GradScaler "
+                             "(GPUs without bf16, e.g. V100); the losses always run in fp32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the trained network (the student / query network, heads included; "
+                             "CUDA; slower start)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="weights, queues and data order; every rank adds its rank for its own augmentations")
     parser.add_argument("--log-every", type=int, default=20, help="steps between logged losses (a host sync)")
     parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (also every epoch)")
     parser.add_argument("--max-steps", type=int, default=None,

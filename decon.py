@@ -94,7 +94,7 @@ import common
 # Arguments
 # =================================================================================================
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="DeCon pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="DeCon pre-training", formatter_class=common.HelpFormatter)
     p.add_argument("--decoder", default="fpn", choices=["fpn", "fcn", "none"], help="none = the plain framework (baseline)")
     p.add_argument("--deep-supervision", action="store_true", help="DeCon-ML: heads on P2-P5 (default DeCon-SL: P2 only)")
     p.add_argument("--skip-channel-dropout", type=float, default=0.0, help="Dropout2d on FPN skip connections (ML runs: 0.5)")
@@ -109,9 +109,10 @@ def get_args(argv=None):
     p.add_argument("--dim-hidden", type=int, default=4096, help="projector/predictor hidden width (SlotCon: 4096)")
     p.add_argument("--dim-out", type=int, default=256, help="projection dimension (SlotCon: 256)")
     p.add_argument("--teacher-momentum", type=float, default=0.99, help="EMA momentum, cosine to 1 over all steps (SlotCon: 0.99)")
-    p.add_argument("--student-temp", type=float, default=0.1)
-    p.add_argument("--teacher-temp", type=float, default=0.07)
-    p.add_argument("--center-momentum", type=float, default=0.9)
+    p.add_argument("--student-temp", type=float, default=0.1, help="student's softmax temperature (SlotCon: 0.1)")
+    p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher's softmax temperature (SlotCon: 0.07)")
+    p.add_argument("--center-momentum", type=float, default=0.9,
+                   help="EMA momentum of the centers subtracted from the teacher's scores (SlotCon: 0.9)")
     p.add_argument("--group-loss-weight", type=float, default=0.5, help="w in w·L_group + (1-w)·L_slot (SlotCon: 0.5)")
     p.add_argument("--decoder-group-loss-weight", type=float, default=None, help="w of the decoder heads (default: --group-loss-weight)")
     p.add_argument("--slot-temp", type=float, default=0.2, help="slot InfoNCE temperature (SlotCon: 0.2)")

@@ -54,7 +54,7 @@ import common
 # =================================================================================================
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="DeCon over DenseCL pre-training",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--decoder", default="fpn", choices=["fpn", "fcn", "none"], help="none = plain DenseCL (the baseline)")
     p.add_argument("--deep-supervision", action="store_true", help="DeCon-ML: heads on P2-P5 (default DeCon-SL: P2 only)")
     p.add_argument("--skip-channel-dropout", type=float, default=0.0, help="Dropout2d on FPN skip connections (ML runs: 0.5)")
@@ -70,7 +70,8 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature (DenseCL: 0.2)")
     p.add_argument("--loss-lambda", type=float, default=0.5, help="dense weight in the encoder's loss (DenseCL: 0.5)")
     common.add_bn_splits_arg(p)
-    p.add_argument("--lr", type=float, default=None, help="SGD lr (default: 0.03 x N/256; 0.3 x N/256 on COCO)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="absolute SGD lr; unset: 0.03 x batch/256 (ImageNet recipe), 0.3 x batch/256 on COCO")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(DenseCL: 1e-4)")
     p.add_argument("--output-dir", default="runs/decon-densecl", help="checkpoint, log, args; a rerun resumes from here")
     common.add_data_args(p)

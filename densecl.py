@@ -88,7 +88,7 @@ import common
 # Arguments
 # =================================================================================================
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="DenseCL pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="DenseCL pre-training", formatter_class=common.HelpFormatter)
     p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop side (paper: 224)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension of both heads (paper: 128)")
@@ -99,8 +99,9 @@ def get_args(argv=None):
     p.add_argument("--dense-warmup-iters", type=int, default=0,
                    help="iterations with lambda = 0 at the start (off in the released configs)")
     common.add_bn_splits_arg(p)
-    p.add_argument("--lr", type=float, default=None, help="SGD lr (default: 0.03 x N/256; 0.3 x N/256 on COCO)")
-    p.add_argument("--sgd-momentum", type=float, default=0.9)
+    p.add_argument("--lr", type=float, default=None,
+                   help="absolute SGD lr; unset: 0.03 x batch/256 (ImageNet recipe), 0.3 x batch/256 on COCO")
+    p.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum (DenseCL's configs: 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
     p.add_argument("--output-dir", default="runs/densecl", help="checkpoint, log, args; a rerun resumes from here")
     common.add_data_args(p)

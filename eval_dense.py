@@ -74,7 +74,7 @@ from evaluation import pictures, seg_data, weights
 # Arguments
 # =================================================================================================
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="dense downstream evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="dense downstream evaluation", formatter_class=common.HelpFormatter)
     p.add_argument("--init", default="random",
                    help="random | a run folder | a downstream.pth | an authors' checkpoint (MoCo, DenseCL, SlotCon, DeCon, "
                         "MCL, DINO/ADCLR) | a torchvision or timm state dict")

@@ -85,7 +85,7 @@ FPN_MAP = {1: 3, 2: 2, 4: 1, 8: 0}  # ratio -> index into the FPN outputs [P2, P
 # Arguments
 # =================================================================================================
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MCL pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="MCL pre-training", formatter_class=common.HelpFormatter)
     p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop and montage side; a multiple of 32 (paper: 224)")
     p.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature T (MCL: 1.0)")

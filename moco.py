@@ -67,7 +67,7 @@ import common
 # Arguments
 # =================================================================================================
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MoCo v2 pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="MoCo v2 pre-training", formatter_class=common.HelpFormatter)
     p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop side (paper: 224)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension (paper: 128)")
@@ -75,8 +75,9 @@ def get_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.999, help="key encoder EMA momentum m (paper: 0.999)")
     p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature T (MoCo v2: 0.2)")
     common.add_bn_splits_arg(p)
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.03 x batch/256)")
-    p.add_argument("--sgd-momentum", type=float, default=0.9)
+    p.add_argument("--lr", type=float, default=None,
+                   help="absolute SGD learning rate; unset: 0.03 x batch/256 (the paper's 0.03 at 256, linear scaling)")
+    p.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
     p.add_argument("--output-dir", default="runs/moco", help="checkpoint, log, args; a rerun resumes from here")
     common.add_data_args(p)

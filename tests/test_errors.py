@@ -161,7 +161,7 @@ def test_a_new_evaluation_for_new_weights_under_the_same_path(tmp_path, monkeypa
     folder given explicitly, a refusal."""
     import torch
     monkeypatch.chdir(tmp_path)  # the default folders go below runs/eval here
-    flags = ["--init", "run", "--arch", "resnet18", "--task", "finetune", "--head", "fcn", "--synthetic-train", "8",
+    flags = ["--init", "run", "--arch", "resnet18", "--task", "finetune", "--head", "linear", "--synthetic-train", "8",
              "--synthetic-val", "4", "--synthetic-size", "32", "--crop-size", "32", "--iters", "2", "--batch-size", "2",
              "--workers", "0"]
     (tmp_path / "run").mkdir()
