@@ -128,7 +128,6 @@ def get_args(argv=None):
                                          "teacher_temp"),
                       non_negative=("weight_decay", "weight_decay_end", "min_lr", "warmup_epochs", "num_queries",
                                     "local_crops", "clip_grad", "drop_path", "query_weight"))
-    args.image_size = args.global_size  # what common.build_pretrain_dataset sizes synthetic scenes by
     args.query_size = args.query_size or args.patch_size
     common.split_batch(p, args)
     for name, size in (("--global-size", args.global_size), ("--local-size", args.local_size), ("--query-size", args.query_size)):
@@ -205,10 +204,10 @@ def build_data(args, device):
     """Multi-crop views and query crops of every image. Returns the loader and, with --gpu-augment, the device-side
     augmentation (common.py, section 7) its decoded batches go through."""
     if args.gpu_augment:
-        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side), crop=args.global_size)
         return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
                 MultiCropViews(args))
-    dataset = common.build_pretrain_dataset(args, MultiCropWithQueries(args))
+    dataset = common.build_pretrain_dataset(args, MultiCropWithQueries(args), crop=args.global_size)
     return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
@@ -238,16 +237,29 @@ class DINOHead(nn.Module):
         return F.linear(F.normalize(self.mlp(x), dim=-1), w)
 
 
-def query_mask(num_image_tokens, num_queries, tokens_per_query, see_each_other, device):
-    """(L, L) bool attention mask, True = may attend, tokens ordered [CLS, patches, queries]:
-    image tokens see image tokens only (the DINO path is unchanged); a query token sees the image
-    tokens and the tokens of its own query crop (every query token with see_each_other)."""
-    n_q = num_queries * tokens_per_query
+def query_mask(num_image_tokens, num_queries, t, see_each_other, device):
+    """(L, L) bool attention mask, mask[i, j] True = token i may attend to token j, tokens ordered
+    [CLS, patches, queries of t tokens each]: image tokens see image tokens only (the DINO path is
+    unchanged); a query token sees the image tokens and the tokens of its own query crop (every query
+    token with see_each_other)."""
+    n_q = num_queries * t
     mask = torch.zeros(num_image_tokens + n_q, num_image_tokens + n_q, dtype=torch.bool, device=device)
     mask[:, :num_image_tokens] = True
-    own = torch.block_diag(*[torch.ones(tokens_per_query, tokens_per_query, dtype=torch.bool, device=device)] * num_queries)
+    own = torch.block_diag(*[torch.ones(t, t, dtype=torch.bool, device=device)] * num_queries)
     mask[num_image_tokens:, num_image_tokens:] = True if see_each_other else own
     return mask
+
+
+def with_queries(vit, images, q_tokens, mask):
+    """The ViT on images (B, 3, H, W) with query tokens (B, Q·t, D) appended: [CLS | patches | queries].
+    The positional embedding is added to the image tokens before the queries are appended, so a query
+    has none; `mask` (L, L) keeps the image tokens blind to the queries. Returns (B, 1 + N + Q·t, D)."""
+    h, w = images.shape[-2] // vit.patch_size, images.shape[-1] // vit.patch_size
+    tokens = torch.cat([vit.cls_token.expand(images.shape[0], -1, -1), vit.embed(images)], 1) + vit.pos_for(h, w)
+    tokens = torch.cat([tokens, q_tokens], 1)  # (B, 1 + N + Q·t, D): the queries after, without position
+    for blk in vit.blocks:
+        tokens = blk(tokens, mask)
+    return vit.norm(tokens)
 
 
 class DINONet(nn.Module):
@@ -258,25 +270,26 @@ class DINONet(nn.Module):
         super().__init__()
         self.vit = common.ViT(args.arch, args.patch_size, args.global_size, drop_path_rate=drop_path)
         self.head = DINOHead(self.vit.embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer == "true")
-        self.see_each_other, self.tokens_per_query = args.queries_see_each_other, args.query_tokens
+        self.see_each_other, self.t = args.queries_see_each_other, args.query_tokens  # t tokens per query crop
 
     def forward(self, globals_, locals_=(), queries=None):
         B = globals_[0].shape[0]
-        extra, mask = None, None
-        if queries is not None:  # (B, Q, 3, s, s): t tokens each, by the shared patch embedding, no position
+        if queries is None:
+            tokens = self.vit(torch.cat(list(globals_)))  # (2B, 1 + N, D)
+        else:  # (B, Q, 3, s, s): each crop embedded as t tokens by the ViT's own patch embedding
             Q = queries.shape[1]
-            extra = self.vit.embed(queries.flatten(0, 1)).reshape(B, -1, self.vit.embed_dim)  # (B, Q·t, D)
-            extra = extra.repeat(len(globals_), 1, 1)  # (2B, Q·t, D): the same queries in both global views
+            q_tokens = self.vit.embed(queries.flatten(0, 1)).reshape(B, -1, self.vit.embed_dim)  # (B, Q·t, D)
+            q_tokens = q_tokens.repeat(len(globals_), 1, 1)  # (2B, Q·t, D): the same queries in both global views
             n_img = 1 + (globals_[0].shape[-1] // self.vit.patch_size) ** 2
-            mask = query_mask(n_img, Q, self.tokens_per_query, self.see_each_other, queries.device)
-        tokens = self.vit(torch.cat(list(globals_)), extra, mask)  # (2B, 1 + N + Q·t, D)
+            mask = query_mask(n_img, Q, self.t, self.see_each_other, queries.device)  # (L, L)
+            tokens = with_queries(self.vit, torch.cat(list(globals_)), q_tokens, mask)  # (2B, 1 + N + Q·t, D)
         cls = [tokens[:, 0]]
         if len(locals_):
             cls.append(self.vit(torch.cat(list(locals_)))[:, 0])  # (nL·B, D), one size for all locals
         cls_out = self.head(torch.cat(cls)).view(-1, B, self.head.out_dim)  # (V, B, K)
         if queries is None:
             return cls_out, None
-        q_out = self.head(tokens[:, -extra.shape[1]:]).view(len(globals_), B, extra.shape[1], -1)  # (2, B, Q·t, K)
+        q_out = self.head(tokens[:, -q_tokens.shape[1]:]).view(len(globals_), B, q_tokens.shape[1], -1)  # (2, B, Q·t, K)
         return cls_out, q_out
 
     def encode_queries_alone(self, queries):

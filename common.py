@@ -368,9 +368,9 @@ class ViT(nn.Module):
 
     Parameter names follow timm/DINO (patch_embed.proj, cls_token, pos_embed, blocks.i.norm1,
     blocks.i.attn.qkv, blocks.i.attn.proj, blocks.i.norm2, blocks.i.mlp.fc1/fc2, norm), so DINO and
-    timm ViT state dicts load with strict=True. forward(x, extra, mask): `extra` (B, Q, D) tokens are
-    appended after the patches *without* positional embedding; `mask` (L, L) bool restricts
-    attention. Returns all normalised tokens (B, 1 + N + Q, D). Other image sizes interpolate the
+    timm ViT state dicts load with strict=True. forward(x) returns all normalised tokens (B, 1 + N, D);
+    a method that adds tokens of its own runs embed, pos_for, the blocks (each takes an optional
+    (L, L) bool attention mask, True = may attend) and norm itself (adclr.py). Other image sizes interpolate the
     positional embedding as DINO does. drop_path_rate: stochastic depth rising linearly over the
     blocks from 0 (DINO's student: 0.1).
     """
@@ -413,13 +413,11 @@ class ViT(nn.Module):
         assert grid.shape[-2:] == (h, w), grid.shape
         return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], 1)
 
-    def forward(self, x, extra=None, mask=None):
+    def forward(self, x):
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.embed(x)], 1) + self.pos_for(h, w)
-        if extra is not None:
-            tokens = torch.cat([tokens, extra], 1)  # no positional embedding: position-free queries
         for blk in self.blocks:
-            tokens = blk(tokens, mask)
+            tokens = blk(tokens)
         return self.norm(tokens)
 
 
@@ -695,10 +693,13 @@ class ImageFiles(Dataset):
         return self.transform(img) if self.transform else img
 
 
-def build_pretrain_dataset(args, transform):
-    """The pre-training dataset for --data (synthetic, coco, coco+, imagenet, or a folder path)."""
+def build_pretrain_dataset(args, transform, crop=None):
+    """The pre-training dataset for --data (synthetic, coco, coco+, imagenet, or a folder path).
+    `crop`: the largest crop the method takes (default --image-size): synthetic scenes are drawn
+    8/7 of it, and an image smaller than it is warned about."""
+    crop = crop or args.image_size
     if args.data == "synthetic":
-        return SyntheticScenes(args.synthetic_len, args.synthetic_size or args.image_size * 8 // 7,
+        return SyntheticScenes(args.synthetic_len, args.synthetic_size or crop * 8 // 7,
                                seed=args.seed, transform=transform, style=args.synthetic_style)
     folders, expected = resolve_image_folders(args.data, args.data_root)
     files = [f for folder in folders for f in find_images(folder)]
@@ -716,7 +717,7 @@ def build_pretrain_dataset(args, transform):
     else:
         fail(f"--data {args.data}: none of the {len(files)} image files below "
              f"{', '.join(map(str, folders))} can be read (the first: {first_error}).")
-    return ImageFiles(files, transform, min_side=args.image_size)
+    return ImageFiles(files, transform, min_side=crop)
 
 
 def add_data_args(parser):

@@ -26,9 +26,9 @@ def _vit_and_queries(seed=0):
 def test_mask_leaves_the_image_tokens_untouched():
     vit, x, q, mask = _vit_and_queries()
     plain = vit(x)  # (B, 17, D)
-    with_q = vit(x, q, mask)
+    with_q = adclr.with_queries(vit, x, q, mask)
     assert torch.allclose(with_q[:, :17], plain, atol=1e-5)
-    without_mask = vit(x, q)  # bidirectional attention: the queries leak into the image tokens
+    without_mask = adclr.with_queries(vit, x, q, None)  # bidirectional attention: the queries leak into the image tokens
     assert not torch.allclose(without_mask[:, :17], plain, atol=1e-3)
 
 
@@ -36,11 +36,11 @@ def test_a_query_does_not_see_the_other_queries_unless_allowed():
     vit, x, q, mask = _vit_and_queries()
     q2 = q.clone()
     q2[:, 3] = torch.randn_like(q2[:, 3])  # change query 3 only (a constant shift would vanish in LayerNorm)
-    a, b = vit(x, q, mask), vit(x, q2, mask)
+    a, b = adclr.with_queries(vit, x, q, mask), adclr.with_queries(vit, x, q2, mask)
     assert torch.allclose(a[:, 17 + 0], b[:, 17 + 0], atol=1e-5)  # query 0 is unaffected
     assert not torch.allclose(a[:, 17 + 3], b[:, 17 + 3], atol=1e-3)
     open_mask = adclr.query_mask(17, 5, 1, True, x.device)
-    c, d = vit(x, q, open_mask), vit(x, q2, open_mask)
+    c, d = adclr.with_queries(vit, x, q, open_mask), adclr.with_queries(vit, x, q2, open_mask)
     assert not torch.allclose(c[:, 17 + 0], d[:, 17 + 0], atol=1e-4)
     assert torch.allclose(c[:, :17], a[:, :17], atol=1e-5)  # image tokens still blind to queries
 
