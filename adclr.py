@@ -27,7 +27,7 @@ Launch:
     python adclr.py --arch vit_micro --global-size 64 --local-size 32 --local-crops 2 --batch-size 32 \
         --epochs 5 --synthetic-len 2048 --out-dim 4096 --lr 0.001  # CPU demo, a few minutes
     python adclr.py --data /path/to/images                          # your images
-    torchrun --nproc_per_node=8 adclr.py --data imagenet --batch-size 1024          # ViT-S/16
+    torchrun --nproc_per_node=8 adclr.py --data imagenet                            # ViT-S/16, 100 epochs
     torchrun --nproc_per_node=8 adclr.py --data imagenet --query-weight 0           # plain DINO
     python adclr.py ... --query-size 96 --query-augment local --query-target alone --queries-see-each-other
                                                                     # queries as in the authors' PQCL code
@@ -37,13 +37,24 @@ linear 79.8, fine-tune 84.0; COCO Mask R-CNN 44.3 AP box / 39.7 AP mask; ADE20K 
 SelfPatch. Measured here: the miniature reproduction (docs/miniature.md,
 `python benchmarks/bench.py quality`).
 
+Recipe (the defaults; every flag's help names its source). The paper's training details could not
+be read here (only its abstract), so the defaults are one stated recipe: the authors' own 100-epoch
+ViT-S/16 launch of their code (Sherrylone/PQCL's README: 100 epochs, 64 images x 8 GPUs, global
+crops 0.25-1, local and query crops 0.05-0.25, teacher temperature 0.04 -> 0.07 over 30 epochs,
+norm_last_layer false, lambda 1) for every value it sets, and DINO's main_dino.py defaults for the
+rest (AdamW, lr 5e-4 x N/256, 10 warm-up epochs, cosine to 1e-6, weight decay 0.04 -> 0.4, EMA
+0.996 -> 1, clip 3.0, drop path 0.1, 8 local crops of 96 px, out dim 65536). The query settings
+are the paper's reading (one token per query, cross-view targets), the launch's where it gives one.
+`--query-weight 0` is then DINO at that recipe, not DINO's 100-epoch README run (which has 0.4-1 /
+0.05-0.4 crops, teacher 0.04 flat and norm_last_layer true).
+
 Deviations from DINO's code: the losses and centers are computed in fp32 outside autocast (DINO
 computes them under fp16 autocast); bf16 autocast by default on CUDA; --gpu-augment (off by
 default) makes the views on the device (MultiCropViews), bilinear instead of bicubic.
 
 Open choices. The paper is the authority; where it leaves a choice open, the default is the paper's
 reading and the alternative is what the authors' code does (below), as a flag:
-- --num-queries 10 (paper); --query-scale 0.05 0.25 (area fraction of the image; DINO's local range).
+- --num-queries 10 (paper); --query-scale 0.05 0.25 (area fraction of the image; the launch's).
 - --query-size: default the patch size, one token per query (paper); authors' code: 96-px crops, 36
   tokens each. Without --queries-see-each-other a query token attends to the image tokens and to
   the tokens of its own crop.
@@ -57,11 +68,11 @@ reading and the alternative is what the authors' code does (below), as a flag:
   center (momentum 0.9) and the same temperatures; queries are appended to the global views only.
 
 Checked against: DINO's code (facebookresearch/dino, main_dino.py, utils.py, vision_transformer.py)
-for AdamW, lr 5e-4 x N/256 with 10 warm-up epochs, cosine to 1e-6; weight decay 0.04 -> 0.4; teacher
-temperature 0.04 -> 0.07 over 30 epochs; EMA 0.996 -> 1 after the optimizer step; per-parameter
-gradient clipping at 3.0 (0 = none); last layer frozen in epoch 1; stochastic depth 0.1 in the
-student only; a weight-normalised last layer (--norm-last-layer false learns its norm, as DINO's
-300-epoch ViT-S/16 run); bicubic crops; DINO's positional-embedding interpolation. ADCLR's own code
+for AdamW with lr warm-up and cosine, the weight-decay and teacher-temperature schedules, the EMA
+after the optimizer step; per-parameter gradient clipping (0 = none); last layer frozen in epoch 1;
+stochastic depth in the student only; a weight-normalised last layer (--norm-last-layer false
+learns its norm); bicubic crops; DINO's positional-embedding interpolation (checks/official.py adclr
+runs it beside DINO's code). ADCLR's own code
 was not released: the paper links github.com/Sherrylone/Query_Contrastive, continued as
 Sherrylone/PQCL, which implements the follow-up PQCL (ICML 2023) with ADCLR's path commented out;
 its query choices are the alternatives above.
@@ -87,43 +98,56 @@ BICUBIC = v2.InterpolationMode.BICUBIC
 # =================================================================================================
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="ADCLR pre-training", formatter_class=common.HelpFormatter)
-    p.add_argument("--arch", default="vit_small", choices=list(common.VIT_ARCHS), help="paper: vit_small")
-    p.add_argument("--patch-size", type=int, default=16)
+    # One recipe: the authors' 100-epoch ViT-S/16 launch of their code (Sherrylone/PQCL, README: "launch"
+    # below) for every value it sets, DINO's main_dino.py defaults ("DINO") for the rest.
+    p.add_argument("--arch", default="vit_small", choices=list(common.VIT_ARCHS), help="(paper and launch: ViT-S)")
+    p.add_argument("--patch-size", type=int, default=16, help="(launch and DINO: 16)")
     p.add_argument("--out-dim", type=int, default=65536, help="DINO head output dimension (DINO: 65536)")
-    p.add_argument("--norm-last-layer", default="true", choices=["true", "false"],
-                   help="fix the norm of the head's last layer to 1 (DINO's default; its ViT-S/16 300-epoch run: false)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate (DINO: 0.1)")
-    p.add_argument("--global-size", type=int, default=224)
-    p.add_argument("--local-size", type=int, default=96)
-    p.add_argument("--local-crops", type=int, default=10, help="local crops per image (DINO ViT-S/16: 10)")
-    p.add_argument("--global-scale", type=float, nargs=2, default=(0.25, 1.0))
-    p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.25))
+    p.add_argument("--norm-last-layer", default="false", choices=["true", "false"],
+                   help="fix the norm of the head's last layer to 1 (launch: false; DINO's default: true)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate (launch and DINO: 0.1)")
+    p.add_argument("--global-size", type=int, default=224, help="global crop side (DINO: 224)")
+    p.add_argument("--local-size", type=int, default=96, help="local crop side (launch and DINO: 96)")
+    p.add_argument("--local-crops", type=int, default=8,
+                   help="DINO's local crops per image (DINO: 8; the launch's only local crop is its query crop)")
+    p.add_argument("--global-scale", type=float, nargs=2, default=(0.25, 1.0), help="global crop area range (launch)")
+    p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.25), help="local crop area range (launch)")
     p.add_argument("--num-queries", type=int, default=10, help="query crops per image, Q (paper: 10)")
-    p.add_argument("--query-scale", type=float, nargs=2, default=(0.05, 0.25), help="area range of query crops (open choice)")
-    p.add_argument("--query-size", type=int, default=None, help="query crop side in px (default: the patch size, 1 token)")
-    p.add_argument("--query-augment", default="none", choices=["none", "local"], help="colour augmentation of query crops")
+    p.add_argument("--query-scale", type=float, nargs=2, default=(0.05, 0.25),
+                   help="area range of query crops (launch: its query crops' 0.05 0.25)")
+    p.add_argument("--query-size", type=int, default=None,
+                   help="query crop side in px (default: the patch size, 1 token, the paper's; launch: 96, 36 tokens)")
+    p.add_argument("--query-augment", default="none", choices=["none", "local"],
+                   help="colour augmentation of query crops (paper: none; the PQCL code: local)")
     p.add_argument("--query-target", default="cross-view", choices=["cross-view", "alone"],
-                   help="teacher target of a query: the same query in the other view, or the crop encoded alone")
-    p.add_argument("--queries-see-each-other", action="store_true", help="let query tokens attend to every query token")
-    p.add_argument("--query-weight", type=float, default=1.0, help="lambda of the query loss; 0 = plain DINO")
+                   help="teacher target of a query: the same query in the other view (paper), or the crop encoded "
+                        "alone (the PQCL code)")
+    p.add_argument("--queries-see-each-other", action="store_true",
+                   help="let query tokens attend to every query token (the PQCL code; paper: off)")
+    p.add_argument("--query-weight", type=float, default=1.0, help="lambda of the query loss; 0 = plain DINO (launch: 1)")
     p.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA, cosine to 1 (DINO: 0.996)")
-    p.add_argument("--teacher-temp", type=float, default=0.07, help="after warm-up (DINO ViT-S: 0.07)")
-    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
-    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30)
+    p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after its warm-up (launch: 0.07)")
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at the start (DINO: 0.04)")
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30,
+                   help="epochs of the linear teacher-temperature warm-up (launch: 30)")
     p.add_argument("--student-temp", type=float, default=0.1, help="student's softmax temperature (DINO: 0.1)")
     p.add_argument("--center-momentum", type=float, default=0.9,
                    help="EMA momentum of the centers subtracted from the teacher's outputs (DINO: 0.9)")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW lr per 256 images (DINO: 5e-4)")
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--warmup-epochs", type=float, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.04)
-    p.add_argument("--weight-decay-end", type=float, default=0.4)
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW lr per 256 images, scaled by batch / 256 (DINO: 5e-4)")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="the cosine's final lr (DINO: 1e-6)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear lr warm-up from 0 (DINO: 10)")
+    p.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at the start, cosine (DINO: 0.04)")
+    p.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (DINO: 0.4)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip, 0 = none (DINO: 3.0)")
-    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen")
-    p.add_argument("--output-dir", default="runs/adclr", help="checkpoint, log, args; a rerun resumes from here")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen (DINO: 1)")
+    p.add_argument("--output-dir", default=None,
+                   help="checkpoint, log, args; a rerun resumes from here (default: runs/adclr on the synthetic scenes, "
+                        "runs/adclr-<preset or folder name> on other data)")
     common.add_data_args(p)
-    common.add_run_args(p, epochs=100, batch_size=1024)
+    common.add_run_args(p, epochs=100, batch_size=512,
+                        epochs_help="training epochs (launch and DINO's 100-epoch ViT-S/16 run: 100; batch: 64 x 8 GPUs)")
     args = p.parse_args(argv)
+    args.output_dir = args.output_dir or common.default_output_dir("adclr", args.data)
     common.check_args(p, args, positive=("lr", "out_dim", "patch_size", "global_size", "local_size", "student_temp",
                                          "teacher_temp"),
                       non_negative=("weight_decay", "weight_decay_end", "min_lr", "warmup_epochs", "num_queries",

@@ -720,12 +720,24 @@ def build_pretrain_dataset(args, transform, crop=None):
     return ImageFiles(files, transform, min_side=crop)
 
 
+SYNTHETIC_LEN = 10000  # scenes per epoch of --data synthetic
+
+
+def default_output_dir(method, data):
+    """A run's folder when --output-dir is not given: runs/<method> on the synthetic scenes,
+    runs/<method>-<preset or folder name> on other data, so that runs on other data never meet."""
+    if data == "synthetic":
+        return f"runs/{method}"
+    return f"runs/{method}-{Path(os.path.abspath(data)).name or 'data'}"
+
+
 def add_data_args(parser):
     """The --data/--data-root/--synthetic-* flags every method file shares."""
     parser.add_argument("--data", default="synthetic",
                         help="synthetic (built in, no download) | coco | coco+ | imagenet | a folder of images")
     parser.add_argument("--data-root", default=default_data_root(), help="root of the presets ($DATA_ROOT or ./data)")
-    parser.add_argument("--synthetic-len", type=int, default=10000, help="images per epoch of --data synthetic")
+    parser.add_argument("--synthetic-len", type=int, default=None,
+                        help=f"images per epoch of --data synthetic (default {SYNTHETIC_LEN}); ignored with a folder")
     parser.add_argument("--synthetic-size", type=int, default=0, help="side of a synthetic scene (0: 8/7 of --image-size)")
     parser.add_argument("--synthetic-style", default="colour", choices=SCENE_STYLES,
                         help="synthetic scenes in colour, or mono: grey background, dark and light grey objects")
@@ -1054,6 +1066,10 @@ def make_loader(dataset, batch_size, workers, seed, device, collate_fn=None):
         more = "raise --synthetic-len" if isinstance(dataset, SyntheticScenes) else "add images"
         fail(f"{len(dataset)} images are fewer than one global batch of {batch_size * world_size()}: "
              f"lower --batch-size or {more}")
+    left = len(dataset) - len(loader) * batch_size * world_size()
+    if left:  # drop_last, as the official loaders: say it, a small folder loses a visible share
+        print0(f"an epoch is {len(dataset)} // {batch_size * world_size()} = {len(loader)} steps: {left} of the "
+               f"{len(dataset)} images sit out each epoch (a new random set each epoch)")
     return loader
 
 
@@ -1226,6 +1242,12 @@ def check_args(parser, args, positive=(), non_negative=()):
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
                 parser.error(f"--{name.replace('_', '-')} {v}: must be a finite number")
+    if hasattr(args, "synthetic_len"):  # --synthetic-len: the scenes per epoch of --data synthetic only
+        if args.data != "synthetic" and args.synthetic_len is not None:
+            warnings.warn(f"--synthetic-len {args.synthetic_len} is ignored with --data {args.data}: the folder's "
+                          f"images make an epoch")
+            args.synthetic_len = None
+        args.synthetic_len = args.synthetic_len or SYNTHETIC_LEN  # recorded as before: a resume compares equal
     positive = ("epochs", "batch_size", "log_every", "save_every", "synthetic_len", *positive)
     non_negative = ("max_steps", "workers", *non_negative)
     for name in positive + non_negative:

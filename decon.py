@@ -120,10 +120,13 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=1.0, help="LARS lr per 256 images (SlotCon: 1.0)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="(SlotCon: 1e-5)")
     p.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up from lr/100 (SlotCon: 5)")
-    p.add_argument("--output-dir", default="runs/decon", help="checkpoint, log, args; a rerun resumes from here")
+    p.add_argument("--output-dir", default=None,
+                   help="checkpoint, log, args; a rerun resumes from here (default: runs/decon on the synthetic scenes, "
+                        "runs/decon-<preset or folder name> on other data)")
     common.add_data_args(p)
     common.add_run_args(p, epochs=800, batch_size=512)
     args = p.parse_args(argv)
+    args.output_dir = args.output_dir or common.default_output_dir("decon", args.data)
     common.check_args(p, args, positive=("lr", "dim_hidden", "dim_out", "num_prototypes", "decoder_num_prototypes",
                                          "student_temp", "teacher_temp", "slot_temp", "fcn_channels"),
                       non_negative=("weight_decay", "warmup_epochs", "skip_dropout", "skip_channel_dropout"))

@@ -73,10 +73,13 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None,
                    help="absolute SGD lr; unset: 0.03 x batch/256 (ImageNet recipe), 0.3 x batch/256 on COCO")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(DenseCL: 1e-4)")
-    p.add_argument("--output-dir", default="runs/decon-densecl", help="checkpoint, log, args; a rerun resumes from here")
+    p.add_argument("--output-dir", default=None,
+                   help="checkpoint, log, args; a rerun resumes from here (default: runs/decon-densecl on the synthetic scenes, "
+                        "runs/decon-densecl-<preset or folder name> on other data)")
     common.add_data_args(p)
     common.add_run_args(p, epochs=None, batch_size=256, epochs_help="training epochs (default: 800 on COCO, 200 otherwise)")
     args = p.parse_args(argv)
+    args.output_dir = args.output_dir or common.default_output_dir("decon-densecl", args.data)
     common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "fcn_channels", "bn_splits"),
                       non_negative=("weight_decay", "loss_lambda", "skip_dropout", "skip_channel_dropout"))
     common.check_image_size(p, args, dense=True)

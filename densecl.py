@@ -103,10 +103,13 @@ def get_args(argv=None):
                    help="absolute SGD lr; unset: 0.03 x batch/256 (ImageNet recipe), 0.3 x batch/256 on COCO")
     p.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum (DenseCL's configs: 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
-    p.add_argument("--output-dir", default="runs/densecl", help="checkpoint, log, args; a rerun resumes from here")
+    p.add_argument("--output-dir", default=None,
+                   help="checkpoint, log, args; a rerun resumes from here (default: runs/densecl on the synthetic scenes, "
+                        "runs/densecl-<preset or folder name> on other data)")
     common.add_data_args(p)
     common.add_run_args(p, epochs=None, batch_size=256, epochs_help="training epochs (default: 800 on COCO, 200 otherwise)")
     args = p.parse_args(argv)
+    args.output_dir = args.output_dir or common.default_output_dir("densecl", args.data)
     common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "bn_splits"),
                       non_negative=("weight_decay", "loss_lambda", "dense_warmup_iters"))
     common.check_image_size(p, args, dense=True)

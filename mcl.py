@@ -102,10 +102,13 @@ def get_args(argv=None):
     p.add_argument("--tile-resize", default="nearest", choices=["nearest", "antialias"],
                    help="how tiles are shrunk: F.interpolate's nearest (official) or antialiased bilinear")
     p.add_argument("--save-montage", default=None, help="write a PNG of one montage per ratio for the first batch, then exit")
-    p.add_argument("--output-dir", default="runs/mcl", help="checkpoint, log, args; a rerun resumes from here")
+    p.add_argument("--output-dir", default=None,
+                   help="checkpoint, log, args; a rerun resumes from here (default: runs/mcl on the synthetic scenes, "
+                        "runs/mcl-<preset or folder name> on other data)")
     common.add_data_args(p)
     common.add_run_args(p, epochs=100, batch_size=4096)
     args = p.parse_args(argv)
+    args.output_dir = args.output_dir or common.default_output_dir("mcl", args.data)
     common.check_args(p, args, positive=("lr", "temperature"),
                       non_negative=("weight_decay", "min_lr", "warmup_epochs", "clip_grad"))
     common.check_image_size(p, args, dense=False)

@@ -79,10 +79,13 @@ def get_args(argv=None):
                    help="absolute SGD learning rate; unset: 0.03 x batch/256 (the paper's 0.03 at 256, linear scaling)")
     p.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(paper: 1e-4)")
-    p.add_argument("--output-dir", default="runs/moco", help="checkpoint, log, args; a rerun resumes from here")
+    p.add_argument("--output-dir", default=None,
+                   help="checkpoint, log, args; a rerun resumes from here (default: runs/moco on the synthetic scenes, "
+                        "runs/moco-<preset or folder name> on other data)")
     common.add_data_args(p)
     common.add_run_args(p, epochs=200, batch_size=256)
     args = p.parse_args(argv)
+    args.output_dir = args.output_dir or common.default_output_dir("moco", args.data)
     common.check_args(p, args, positive=("lr", "queue_size", "dim", "temperature", "bn_splits"),
                       non_negative=("weight_decay",))
     common.check_image_size(p, args, dense=False)

@@ -65,7 +65,7 @@ def check(path, cli, table, notes):
                            str(local_size), "--local-crops", str(LOCAL_CROPS), "--num-queries", "0", "--query-weight",
                            "0", "--out-dim", str(OUT_DIM), "--batch-size", str(BATCH_PER_RANK * world), "--epochs",
                            str(EPOCHS), "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "2", "--lr", "0.064",
-                           "--momentum-teacher", "0.9", "--amp", "fp32"])
+                           "--momentum-teacher", "0.9", "--amp", "fp32", "--norm-last-layer", "true"])
     notes.add(f"{arch}/{patch}, globals {size} px, {LOCAL_CROPS} locals {local_size} px, {BATCH_PER_RANK} images per "
               f"process, out dim {OUT_DIM}, drop path {args.drop_path}, clip {args.clip_grad}; schedules over "
               f"{EPOCHS} epochs of {steps} steps (1 warm-up); the steps compared are epoch 1's (after the warm-up, "

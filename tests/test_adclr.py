@@ -142,10 +142,10 @@ def test_clip_grad_zero_means_no_clipping():
 
 
 def test_norm_last_layer_false_learns_the_norm_and_names_follow_dino():
-    before, student, _, _ = _tiny_step(["--norm-last-layer", "false"])
+    before, student, _, _ = _tiny_step([])  # default: false, the authors' 100-epoch launch
     assert {"head.last_layer.weight_g", "head.last_layer.weight_v"} <= set(before)
     assert not torch.equal(student.state_dict()["head.last_layer.weight_g"], before["head.last_layer.weight_g"])
-    before, student, _, _ = _tiny_step([])  # default: g fixed at 1, as DINO's norm_last_layer
+    before, student, _, _ = _tiny_step(["--norm-last-layer", "true"])  # g fixed at 1, as DINO's default
     assert torch.equal(student.state_dict()["head.last_layer.weight_g"], torch.ones(64, 1))
 
 
@@ -195,3 +195,16 @@ def test_query_options_of_the_authors_code():
     assert net.encode_queries_alone(torch.randn(2, 3, 3, 32, 32)).shape == (2, 12, 64)
     _, q_out = net([torch.randn(2, 3, 32, 32)] * 2, (), torch.randn(2, 3, 3, 32, 32))
     assert q_out.shape == (2, 2, 12, 64)
+
+
+def test_defaults_are_one_recipe_the_authors_launch_then_dino():
+    # The authors' 100-epoch ViT-S/16 launch (Sherrylone/PQCL README) where it sets a value, DINO's
+    # main_dino.py defaults elsewhere (#40): no mix of DINO's 100-, 300- and 800-epoch runs.
+    a = adclr.get_args([])
+    launch = dict(epochs=100, batch_size=512, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+                  query_scale=(0.05, 0.25), teacher_temp=0.07, warmup_teacher_temp_epochs=30, norm_last_layer="false",
+                  query_weight=1.0, drop_path=0.1, local_size=96)
+    dino = dict(out_dim=65536, local_crops=8, lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04,
+                weight_decay_end=0.4, momentum_teacher=0.996, warmup_teacher_temp=0.04, student_temp=0.1,
+                center_momentum=0.9, clip_grad=3.0, freeze_last_layer=1, global_size=224, patch_size=16)
+    assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items() if k in launch | dino} == launch | dino

@@ -278,3 +278,27 @@ def test_split_batchnorm_is_batchnorm_per_group_with_the_same_state():
     split.eval()
     assert torch.allclose(split(x), torch.nn.functional.batch_norm(x, split.running_mean, split.running_var, split.weight,
                                                                    split.bias), atol=1e-6)
+
+
+def test_runs_on_other_data_get_their_own_default_folder():
+    # The quick start (synthetic) and a first run on a folder must not meet in runs/moco (#42.2).
+    import moco
+    assert moco.get_args([]).output_dir == "runs/moco"
+    assert moco.get_args(["--data", "/data/my_images"]).output_dir == "runs/moco-my_images"
+    assert moco.get_args(["--data", "coco"]).output_dir == "runs/moco-coco"
+    assert moco.get_args(["--data", "coco", "--output-dir", "x"]).output_dir == "x"
+
+
+def test_synthetic_len_with_a_folder_is_said_and_a_partial_last_batch_too(tmp_path, capsys):
+    import moco
+    with pytest.warns(UserWarning, match="--synthetic-len 64 is ignored with --data"):
+        args = moco.get_args(["--data", str(tmp_path), "--synthetic-len", "64"])
+    assert args.synthetic_len == common.SYNTHETIC_LEN  # the recorded arguments as before: resumes compare equal
+    assert moco.get_args([]).synthetic_len == common.SYNTHETIC_LEN
+    common.make_loader(list(range(39)), 32, 0, 0, torch.device("cpu"))
+    assert "an epoch is 39 // 32 = 1 steps: 7 of the 39 images sit out each epoch" in capsys.readouterr().out
+
+
+def test_the_start_line_says_the_precision_in_words():
+    assert [common.precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == \
+        ["fp32", "bf16 autocast", "fp16 autocast + GradScaler"]
