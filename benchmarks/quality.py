@@ -77,7 +77,7 @@ PRETRAIN = {
     "adclr": ("adclr.py", "vit_micro", "{vit} --lr {lr:g}", dict(lr=5e-4 * 8)),
 }
 VIT = ("--patch-size 8 --local-size {local} --local-crops 2 --out-dim 4096 --warmup-epochs {warm:g} "
-       "--warmup-teacher-temp-epochs {warm_t} --momentum-teacher 0.99")
+       "--warmup-teacher-temp-epochs {warm_t} --momentum-teacher 0.99 --norm-last-layer true")  # as the recorded tiers ran
 FAMILIES = {"resnet18": ("moco", "densecl", "slotcon", "decon-sl", "decon-ml", "mcl"), "vit_micro": ("dino", "adclr")}
 PAPERS = {  # the papers' own results, for orientation only: another protocol, another scale
     "moco": "VOC seg 64.5 mIoU (COCO 800 ep)", "densecl": "VOC seg 67.5 mIoU (COCO 800 ep)",
