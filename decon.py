@@ -277,6 +277,13 @@ def slots(z, score, temp):
     return torch.einsum("bdhw,bkhw->bkd", z, attn / attn.sum((2, 3), keepdim=True))
 
 
+def present_prototypes(score):
+    """(B, K, h, w) -> (B, K) bool: prototype k wins (is the argmax of) at least one pixel of image b.
+    A scatter of the winners into (B, K): the official one-hot would be (B, K, h, w) floats."""
+    winners = score.argmax(1).flatten(1)  # (B, h·w)
+    return torch.zeros(score.shape[:2], dtype=torch.bool, device=score.device).scatter_(1, winners, True)
+
+
 @common.fp32
 def slot_loss(q_slots, k_slots, score_q, score_k, predictor, tau):
     """Slot InfoNCE (SlotCon Eq. 4), scaled by 2·tau.
@@ -287,10 +294,7 @@ def slot_loss(q_slots, k_slots, score_q, score_k, predictor, tau):
     the teacher slot of the same image and prototype among all valid teacher slots of all ranks.
     """
     B, K, D = q_slots.shape
-
-    def present(score):  # (B, K, h, w) -> (B, K): prototype k wins at least one pixel of image b
-        return F.one_hot(score.argmax(1), K).flatten(1, 2).amax(1).bool()
-    valid_q, valid_k = present(score_q), present(score_k)  # (B, K)
+    valid_q, valid_k = present_prototypes(score_q), present_prototypes(score_k)  # (B, K)
     rows = (valid_q & valid_k).flatten().nonzero().squeeze(1)  # (M,) positions in B·K
     valid_k_all = common.concat_all_gather(valid_k.flatten())  # (W·B·K,)
     k_all = common.concat_all_gather(F.normalize(k_slots, dim=2).flatten(0, 1))  # (W·B·K, D)

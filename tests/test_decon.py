@@ -267,3 +267,18 @@ def test_a_dropped_skip_map_still_gives_every_fpn_parameter_a_gradient():
         assert p.grad is not None, name
         if name.startswith(("lateral.0.", "lateral.1.", "lateral.2.")):  # C2-C4's laterals, all dropped at p = 1
             assert not p.grad.any(), name
+
+
+def test_present_prototypes_equal_the_one_hot_formula():
+    """slot_loss's validity mask (a scatter of each pixel's argmax into (B, K)) equals the one-hot
+    formula it replaced (an int64 (B, h, w, K) tensor: ~400 MB at P2 in the paper's per-GPU batch)."""
+    torch.manual_seed(0)
+    B, K, h, w = 3, 16, 5, 7
+    score = torch.randn(B, K, h, w)
+    score[1, :, :, :] = score[1, :1]  # image 1: prototype 0 wins every pixel...
+    score[1, 0] += 1
+    score[2, :, 0, 0] = 0.0  # ...and a tie at one pixel
+    old = F.one_hot(score.argmax(1), K).flatten(1, 2).amax(1).bool()  # (B, K)
+    assert old[1].sum() == 1 and 1 < old[0].sum() < K
+    mask = decon.present_prototypes(score)
+    assert mask.dtype == torch.bool and torch.equal(mask, old)
