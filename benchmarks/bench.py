@@ -42,7 +42,7 @@ def get_args(argv=None):
     g = sub.add_parser("gpu", help="one command for a GPU window (benchmarks/gpu.py): correctness, speed, loader -> gpu_report")
     g.add_argument("--device", default="cuda", help="cuda, or cpu with --tiny (the CI check)")
     g.add_argument("--tiny", action="store_true", help="tiny shapes: seconds on a CPU")
-    g.add_argument("--budget", type=float, default=500, help="seconds for all sections (the window allows 9 minutes)")
+    g.add_argument("--budget", type=float, default=500, help="seconds for all sections (the window allows 9 minutes); none with --tiny")
     g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
     g.add_argument("--out", default=".", help="folder for gpu_report.json and gpu_report.md")
     m = sub.add_parser("memory", help="estimate of each method's peak memory per GPU, from two fp32 CPU steps (memory.py)")
