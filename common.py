@@ -1061,7 +1061,8 @@ def autocast(device, dtype):
 def fp32(fn):
     """Decorator for losses and matching: autocast off and floating tensor arguments cast to fp32, so
     that the value is the fp32 one even when the call sits inside an autocast region (under bf16
-    autocast a matmul of logits over 65536 keys moves a loss by about 1e-2)."""
+    autocast a matmul of logits over 65536 keys moves a loss by about 1e-2). Tensors inside a list
+    argument are not cast: the function casts them itself."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         device = next((a.device.type for a in (*args, *kwargs.values()) if torch.is_tensor(a)), "cpu")
