@@ -58,3 +58,22 @@ def test_bf16_autocast_and_device_augment_keep_losses_and_state_fp32(tmp_path, m
 def _flat(values):
     for v in values:
         yield from (_flat(v) if isinstance(v, list) else [v])
+
+
+@pytest.mark.parametrize("script", ["moco.py", "adclr.py"])  # a ResNet and a ViT
+def test_compile_traces_the_student_and_trains_as_eager(tmp_path, monkeypatch, script):
+    """--compile on the CPU through dynamo and AOT autograd (backend aot_eager): inductor's code
+    generation alone took 166 s for one moco step on the 2-core CI machine, so it runs in the GPU tier
+    (tests/test_cuda.py). The compiled run's first loss equals the eager run's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    module = importlib.import_module(script[:-3])
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=counter))
+    loss = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flags else "eager")
+        module.main([*CASES[script], *flags, "--max-steps", "1", "--output-dir", str(out)])
+        loss[bool(flags)] = json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
+    assert counter.frame_count >= 1 and counter.op_count > 10  # the student went through dynamo
+    assert loss[True] == pytest.approx(loss[False], rel=1e-4)
