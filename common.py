@@ -944,7 +944,7 @@ class SeededSamples(Dataset):
         s = int(np.random.SeedSequence([self.seed, self.rank, epoch, i]).generate_state(1)[0])
         random.seed(s)
         np.random.seed(s)
-        torch.manual_seed(s)
+        torch.default_generator.manual_seed(s)  # the CPU's only: torch.manual_seed would also reseed the GPUs'
         try:
             return self.dataset[i]
         finally:

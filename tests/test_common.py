@@ -278,3 +278,22 @@ def test_split_batchnorm_is_batchnorm_per_group_with_the_same_state():
     split.eval()
     assert torch.allclose(split(x), torch.nn.functional.batch_norm(x, split.running_mean, split.running_var, split.weight,
                                                                    split.bias), atol=1e-6)
+
+
+def test_a_samples_seeding_reseeds_the_cpu_generators_only(monkeypatch):
+    """SeededSamples seeds each sample's draws from (seed, rank, epoch, index) on the CPU alone:
+    torch.manual_seed would also reseed every CUDA generator (and not restore it), so with --workers 0
+    the step's device draws (shuffle BN, FPN skip dropout, --gpu-augment) would follow the last sample."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+
+    class Draws:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(2)
+    before = torch.get_rng_state()
+    a, b = common.SeededSamples(Draws(), 0, rank=0), common.SeededSamples(Draws(), 0, rank=1)
+    assert torch.equal(a[(0, 1)], a[(0, 1)]) and not torch.equal(a[(0, 1)], b[(0, 1)])
+    assert torch.equal(torch.get_rng_state(), before) and reseeded == []
