@@ -46,7 +46,7 @@ def get_args(argv=None):
     g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
     g.add_argument("--out", default=".", help="folder for gpu_report.json and gpu_report.md")
     m = sub.add_parser("memory", help="estimate of each method's peak memory per GPU, from two fp32 CPU steps (memory.py)")
-    m.add_argument("--methods", nargs="+", default=list(speed.METHODS), choices=speed.METHODS)
+    m.add_argument("--methods", nargs="+", default=list(memory.METHODS), choices=memory.METHODS)
     m.add_argument("--arch", default="resnet50", help="ResNet for moco/densecl/decon/mcl")
     m.add_argument("--vit", default="vit_small", help="ViT for adclr")
     m.add_argument("--batches", type=int, nargs=2, default=[2, 4], help="the two measured batches (MCL: 32 and 64)")

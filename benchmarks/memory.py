@@ -18,11 +18,13 @@ import time
 
 import torch
 
+import common
 from benchmarks import speed
 
 GB = 1e9
+METHODS = (*speed.METHODS, "decon_densecl")
 PAPER_BATCH = {  # per GPU, from each method file's docstring (global batch / 8 GPUs)
-    "moco": 32, "densecl": 32, "decon": 64, "mcl": 512, "adclr": 128,
+    "moco": 32, "densecl": 32, "decon": 64, "mcl": 512, "adclr": 128, "decon_densecl": 32,
 }
 # MCL pastes B/32 montages at ratio 8 (mcl.get_args): its batch is a multiple of 32
 SMALL_BATCHES = {"mcl": (32, 64)}
@@ -56,12 +58,30 @@ def step_peak(step):
     return peak
 
 
+def setup_decon_densecl(args, device, dtype):
+    """decon_densecl.py's train_step as its main() in one process (speed.py has no setup for it)."""
+    import copy
+    import decon_densecl as m
+    a = m.get_args(["--arch", args.arch, "--image-size", str(args.image_size), "--bn-splits", str(speed._bn_splits(args.batch_size))])
+    net_q = common.split_batchnorm(m.Network(a), a.bn_splits).to(device)
+    net_k = copy.deepcopy(net_q).requires_grad_(False)
+    global_queue = m.Queue(a.dim, a.queue_size).to(device)
+    dense_queues = torch.nn.ModuleList(m.Queue(a.dim, a.queue_size) for _ in net_q.heads).to(device)
+    pq, pk = list(net_q.parameters()), list(net_k.parameters())
+    opt = torch.optim.SGD(pq, lr=0.03, momentum=0.9, weight_decay=1e-4, foreach=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    views = speed._views(2, args.batch_size, args.image_size, device)
+    weights = m.head_weights(a, len(net_q.heads))
+    return (lambda: m.train_step(views, net_q, net_k, global_queue, dense_queues, pk, pq, opt, scaler, weights, a, dtype, device),)
+
+
 def measure(method, batch, args):
     """Peak bytes of one fp32 step of `method` at `batch` (after one warm-up step)."""
     import argparse
     a = argparse.Namespace(arch=args.arch, vit=args.vit, image_size=224, batch_size=batch, compile=False, extra={})
     torch.manual_seed(0)
-    step = getattr(speed, f"setup_{method}")(a, torch.device("cpu"), None)[0]  # the floor's networks are dropped
+    setup = setup_decon_densecl if method == "decon_densecl" else getattr(speed, f"setup_{method}")
+    step = setup(a, torch.device("cpu"), None)[0]  # the floor's networks are dropped
     gc.collect()
     step()
     gc.collect()
