@@ -279,7 +279,9 @@ def slots(z, score, temp):
 
 def present_prototypes(score):
     """(B, K, h, w) -> (B, K) bool: prototype k wins (is the argmax of) at least one pixel of image b.
-    A scatter of the winners into (B, K): the official one-hot would be (B, K, h, w) floats."""
+    The winners scattered into (B, K): the same mask as SlotCon's scatter into a (B, K, h, w) float
+    copy of the scores, without that copy (at P2 in the paper's per-GPU batch, a one-hot of the
+    argmax peaked at 413 MB, this at 1.6 MB: `python benchmarks/bench.py memory`'s step_peak)."""
     winners = score.argmax(1).flatten(1)  # (B, h·w)
     return torch.zeros(score.shape[:2], dtype=torch.bool, device=score.device).scatter_(1, winners, True)
 
