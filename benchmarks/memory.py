@@ -26,8 +26,12 @@ METHODS = (*speed.METHODS, "decon_densecl")
 PAPER_BATCH = {  # per GPU, from each method file's docstring (global batch / 8 GPUs)
     "moco": 32, "densecl": 32, "decon": 64, "mcl": 512, "adclr": 128, "decon_densecl": 32,
 }
-# MCL pastes B/32 montages at ratio 8 (mcl.get_args): its batch is a multiple of 32
-SMALL_BATCHES = {"mcl": (32, 64)}
+# MCL pastes B/32 montages at ratio 8 (mcl.get_args): its batch is a multiple of 32, and batch 64 did
+# not fit the 23 GB of the machine that measured it. It is measured at 32 alone, its fixed part taken
+# as the state a step keeps whatever the batch: the tensors alive before it less its input views
+# (8 crops), plus one gradient per trained parameter (the other methods print this check too).
+ONE_POINT = {"mcl": 32}
+INPUT_VIEWS = {"moco": 2, "densecl": 2, "decon": 2, "decon_densecl": 2, "mcl": 8}  # (B, 3, 224, 224) tensors
 
 
 def live_bytes():
@@ -86,23 +90,32 @@ def measure(method, batch, args):
     step()
     gc.collect()
     before = live_bytes()
-    return before + step_peak(step)
+    grads = sum(p.nbytes for p in gc.get_objects() if isinstance(p, torch.nn.Parameter) and p.requires_grad)
+    state = before - INPUT_VIEWS.get(method, 0) * batch * 3 * 224 * 224 * 4 + grads
+    return before + step_peak(step), state
 
 
 def memory(args):
     t0 = time.perf_counter()
     rows = []
     for method in args.methods:
-        b1, b2 = SMALL_BATCHES.get(method, tuple(args.batches))
-        p1, p2 = measure(method, b1, args), measure(method, b2, args)
-        per_image = (p2 - p1) / (b2 - b1)
-        fixed = p1 - b1 * per_image
+        if method in ONE_POINT:
+            b1 = b2 = ONE_POINT[method]
+            (p1, fixed), p2 = measure(method, b1, args), None
+            per_image = (p1 - fixed) / b1
+        else:
+            b1, b2 = args.batches
+            (p1, _), (p2, state) = measure(method, b1, args), measure(method, b2, args)
+            per_image = (p2 - p1) / (b2 - b1)
+            fixed = p1 - b1 * per_image
+            if method in INPUT_VIEWS:
+                print(f"memory | {method}: fixed part {fixed / GB:.2f} GB by the fit, {state / GB:.2f} GB by the kept state")
         fits = {gb: max(int((gb * GB - fixed) // per_image), 0) for gb in (24, 40, 80)}
         rows.append(dict(method=method, encoder=args.vit if method == "adclr" else args.arch, batches=(b1, b2),
-                         peaks_gb=(p1 / GB, p2 / GB), fixed_gb=fixed / GB, per_image_gb=per_image / GB,
+                         peaks_gb=(p1 / GB, p2 / GB if p2 else None), fixed_gb=fixed / GB, per_image_gb=per_image / GB,
                          paper_batch=PAPER_BATCH[method], at_paper_gb=(fixed + PAPER_BATCH[method] * per_image) / GB,
                          fits=fits))
-        print(f"memory | {method}: {p1 / GB:.2f} GB at batch {b1}, {p2 / GB:.2f} GB at {b2}", flush=True)
+        print(f"memory | {method}: {p1 / GB:.2f} GB at batch {b1}" + (f", {p2 / GB:.2f} GB at {b2}" if p2 else ""), flush=True)
     print(f"\nEstimate of one fp32 training step's peak memory, measured on the CPU ({torch.get_num_threads()} threads, "
           f"torch {torch.__version__}) at two batches and extrapolated linearly; {time.perf_counter() - t0:.0f} s\n")
     print("| method | encoder | measured (batch: GB) | fixed GB | GB per image | paper batch/GPU | GB at it | "
@@ -110,7 +123,8 @@ def memory(args):
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         (b1, b2), (p1, p2) = r["batches"], r["peaks_gb"]
-        print(f"| {r['method']} | {r['encoder']} | {b1}: {p1:.2f}, {b2}: {p2:.2f} | {r['fixed_gb']:.2f} | "
+        measured = f"{b1}: {p1:.2f}" + (f", {b2}: {p2:.2f}" if p2 else " (one point)")
+        print(f"| {r['method']} | {r['encoder']} | {measured} | {r['fixed_gb']:.2f} | "
               f"{r['per_image_gb']:.3f} | {r['paper_batch']} | {r['at_paper_gb']:.1f} | "
               f"{r['fits'][24]} / {r['fits'][40]} / {r['fits'][80]} |")
     return rows
