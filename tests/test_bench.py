@@ -163,3 +163,10 @@ def test_networks_floor_runs_every_trained_network():
         bench._mean_of(train_fwd()).backward()
         missing = [i for i, p in enumerate(params) if p.requires_grad and p.grad is None]
         assert not missing, (method, len(missing))
+
+
+def test_memory_step_peak_counts_the_tensors_alive_together():
+    from benchmarks import memory
+    # ones (4 MB) and the product (4 MB) are alive together; the sum after them is 4 bytes
+    peak = memory.step_peak(lambda: (torch.ones(1000, 1000) * 2).sum())
+    assert 8e6 <= peak < 8.1e6
