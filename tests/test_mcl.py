@@ -283,7 +283,7 @@ def test_save_montage_takes_views_in_any_dtype_and_graph_state(tmp_path):
     w = torch.ones((), requires_grad=True)
     views = [(torch.randn(32, 3, 32, 32) * w).bfloat16() for _ in range(8)]
     mcl.save_montage_png(views, args, tmp_path / "m.png")
-    png = torch.from_numpy(np.asarray(Image.open(tmp_path / "m.png"))).permute(2, 0, 1).float()  # (3, 32, 4·32)
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "m.png"))).permute(2, 0, 1).float()  # (3, 32, 4·32)
     first = views[0][0].detach().float() * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
     assert png.shape == (3, 32, 128)
     assert (png[:, :, :32] - (first.clamp(0, 1) * 255).floor()).abs().max() <= 1  # ratio 1: the batch's first image
