@@ -6,7 +6,7 @@ device views; decon.py --skip-dropout 0.5 and --decoder fcn; each evaluation tas
 with two GPUs, two NCCL processes: SyncBN and shuffle BN equal one process's batch statistics, and
 the ranks end with equal weights.
 
-Estimate by counts (not measured: no GPU has run it yet): 18 + 4 short method runs and 5 short
+Estimate by counts (not measured: no GPU has run it yet): 18 + 2 + 1 short method runs and 5 short
 evaluations at a few seconds each, 2 inductor compilations of about a minute each: about 4 minutes
 on one H100; with bench.py gpu (at most 9 minutes) about 12-13 minutes.
 """
