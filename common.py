@@ -285,6 +285,9 @@ class FPN(nn.Module):
     fpn_lateral{i+2} / fpn_outputN (eval_dense.py --export). forward returns the maps of `levels`.
     skip_dropout drops the lateral (skip) maps of C2-C4 before the top-down sum during training:
     "channel" zeroes whole channels (Dropout2d), "map" drops a whole lateral map (DeCon).
+    Any module in train mode drops out, so the teacher / key decoder of decon.py and decon_densecl.py
+    (deep copies of the student, never put in eval mode) drop their own maps too, with coins of their own. Each rank draws its own coins from its
+    own torch generator (seeded seed + rank), so ranks drop different maps in the same step.
     """
 
     def __init__(self, in_channels, out_channels=256, levels=("p2", "p3", "p4", "p5"), skip_dropout=0.0,
@@ -300,12 +303,15 @@ class FPN(nn.Module):
     def drop_skip(self, x):
         """Skip-connection dropout (training only): whole channels (Dropout2d, rescaled), or "map":
         one draw per level and forward that drops this lateral map for the whole batch, not rescaled
-        (DeCon's whole-map mode)."""
+        (DeCon's whole-map mode). As the DeCon authors' FPN, the map is multiplied by a 0/1 coin
+        drawn on the device: a dropped lateral stays in the graph with a zero gradient, which DDP
+        (without find_unused_parameters) needs, and no host sync is made."""
         if not self.training or self.skip_dropout == 0:
             return x
         if self.skip_drop_mode == "channel":
             return nn.functional.dropout2d(x, self.skip_dropout, training=True)
-        return torch.zeros_like(x) if random.random() < self.skip_dropout else x
+        keep = torch.rand(1, device=x.device) >= self.skip_dropout  # (1,) one coin for the whole batch
+        return x * keep.to(x.dtype)
 
     def forward(self, feats):  # [C2..C5] -> [P_level for level in levels], each (B, out, H_i, W_i)
         top = self.lateral[-1](feats[-1])
@@ -1043,7 +1049,7 @@ class SeededSamples(Dataset):
         s = int(np.random.SeedSequence([self.seed, self.rank, epoch, i]).generate_state(1)[0])
         random.seed(s)
         np.random.seed(s)
-        torch.manual_seed(s)
+        torch.default_generator.manual_seed(s)  # the CPU's only: torch.manual_seed would also reseed the GPUs'
         try:
             return self.dataset[i]
         finally:
@@ -1170,7 +1176,8 @@ def autocast(device, dtype):
 def fp32(fn):
     """Decorator for losses and matching: autocast off and floating tensor arguments cast to fp32, so
     that the value is the fp32 one even when the call sits inside an autocast region (under bf16
-    autocast a matmul of logits over 65536 keys moves a loss by about 1e-2)."""
+    autocast a matmul of logits over 65536 keys moves a loss by about 1e-2). Tensors inside a list
+    argument are not cast: the function casts them itself."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         device = next((a.device.type for a in (*args, *kwargs.values()) if torch.is_tensor(a)), "cpu")

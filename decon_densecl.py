@@ -285,7 +285,9 @@ def decon_losses(out_q, out_k, global_queue, dense_queues, weights, args):
     own queue: (1 - lambda) global + lambda dense, as densecl.py; decoder heads are dense only.
     Returns (total, per-head losses (H,), the keys to enqueue: global (B, D) or None, dense per head)."""
     total, per_head, dense_keys, global_keys = 0.0, [], [], None
-    for h, ((q_feat, q_glob, q_grid), (k_feat, k_glob, k_grid)) in enumerate(zip(out_q, out_k)):
+    for h, (o_q, o_k) in enumerate(zip(out_q, out_k)):
+        # autocast's bf16 outputs to fp32 before normalising (common.fp32 casts only top-level arguments)
+        (q_feat, q_glob, q_grid), (k_feat, k_glob, k_grid) = ([None if t is None else t.float() for t in o] for o in (o_q, o_k))
         q_feat, q_grid = F.normalize(q_feat, dim=1), F.normalize(q_grid, dim=1)
         with torch.no_grad():
             dense_keys.append(F.normalize(k_grid.mean(2), dim=1))  # the raw grid pooled, one key per image (DenseCL)

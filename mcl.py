@@ -364,7 +364,8 @@ def save_montage_png(views, args, path):
     for r, count in plan:
         firsts.append(canvases[start])
         start += count
-    x = torch.cat(firsts, 2) * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
+    x = torch.cat(firsts, 2).detach().float().cpu()  # (3, H, 4·W); --gpu-augment's views sit on the device, maybe in bf16
+    x = x * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
     Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(path)
 
 

@@ -4,6 +4,7 @@
     python benchmarks/bench.py loss                                # batched losses vs naive loops (speed.py)
     python benchmarks/bench.py data --workers 2 8                  # loader images/s per pipeline (speed.py)
     python benchmarks/bench.py gpu                                 # a GPU window of at most 9 min (gpu.py)
+    python benchmarks/bench.py memory                              # per-GPU memory estimate, measured on the CPU (memory.py)
     python benchmarks/bench.py quality --tier cpu --seeds 0 1 2    # the miniature reproduction (quality.py)
 
 Run it from anywhere: it puts the repository root (common.py, the method files) on the import path.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: common.py, the method files
 
-from benchmarks import gpu, quality, speed  # noqa: E402
+from benchmarks import gpu, memory, quality, speed  # noqa: E402
 
 
 def get_args(argv=None):
@@ -41,9 +42,14 @@ def get_args(argv=None):
     g = sub.add_parser("gpu", help="one command for a GPU window (benchmarks/gpu.py): correctness, speed, loader -> gpu_report")
     g.add_argument("--device", default="cuda", help="cuda, or cpu with --tiny (the CI check)")
     g.add_argument("--tiny", action="store_true", help="tiny shapes: seconds on a CPU")
-    g.add_argument("--budget", type=float, default=500, help="seconds for all sections (the window allows 9 minutes)")
+    g.add_argument("--budget", type=float, default=500, help="seconds for all sections (the window allows 9 minutes); none with --tiny")
     g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
     g.add_argument("--out", default=".", help="folder for gpu_report.json and gpu_report.md")
+    m = sub.add_parser("memory", help="estimate of each method's peak memory per GPU, from two fp32 CPU steps (memory.py)")
+    m.add_argument("--methods", nargs="+", default=list(memory.METHODS), choices=memory.METHODS)
+    m.add_argument("--arch", default="resnet50", help="ResNet for moco/densecl/decon/mcl")
+    m.add_argument("--vit", default="vit_small", help="ViT for adclr")
+    m.add_argument("--batches", type=int, nargs=2, default=[2, 4], help="the two measured batches (MCL: 32 and 64)")
     q = sub.add_parser("quality", help="the miniature reproduction (benchmarks/quality.py): floor, ceiling, every method")
     q.add_argument("--tier", default="cpu", choices=list(quality.TIERS),
                    help="budget (toy: the test's); -mono: the same on the colourless scenes (--synthetic-style mono)")
@@ -68,6 +74,8 @@ def main(argv=None):
         speed.bench_data(args)
     elif args.command == "gpu":
         gpu.gpu(args)
+    elif args.command == "memory":
+        memory.memory(args)
     elif args.command == "quality":
         quality.quality(args)
 

@@ -126,9 +126,11 @@ def test_speed_reports_the_ratio_of_medians(tmp_path):
 
 
 def test_gpu_command_runs_every_section_on_cpu_at_tiny_shapes(tmp_path):
-    # `bench.py gpu` is run in short GPU windows: this keeps it from rotting between them.
+    # `bench.py gpu` is run in short GPU windows: this keeps it from rotting between them. --tiny has
+    # no time budget (--budget 0 is ignored), so every row runs however busy the machine is.
     (tmp_path / "tmp").mkdir()
-    python("benchmarks/bench.py", "gpu", "--device", "cpu", "--tiny", "--out", tmp_path, env={"TMPDIR": str(tmp_path / "tmp")})
+    python("benchmarks/bench.py", "gpu", "--device", "cpu", "--tiny", "--budget", "0", "--out", tmp_path,
+           env={"TMPDIR": str(tmp_path / "tmp")})
     assert list((tmp_path / "tmp").iterdir()) == []  # the loader section's JPEG files are removed
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert (tmp_path / "gpu_report.md").read_text().startswith("# GPU report: CPU")
@@ -162,3 +164,10 @@ def test_networks_floor_runs_every_trained_network():
         bench._mean_of(train_fwd()).backward()
         missing = [i for i, p in enumerate(params) if p.requires_grad and p.grad is None]
         assert not missing, (method, len(missing))
+
+
+def test_memory_step_peak_counts_the_tensors_alive_together():
+    from benchmarks import memory
+    # ones (4 MB) and the product (4 MB) are alive together; the sum after them is 4 bytes
+    peak = memory.step_peak(lambda: (torch.ones(1000, 1000) * 2).sum())
+    assert 8e6 <= peak < 8.1e6

@@ -302,3 +302,22 @@ def test_synthetic_len_with_a_folder_is_said_and_a_partial_last_batch_too(tmp_pa
 def test_the_start_line_says_the_precision_in_words():
     assert [common.precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == \
         ["fp32", "bf16 autocast", "fp16 autocast + GradScaler"]
+
+
+def test_a_samples_seeding_reseeds_the_cpu_generators_only(monkeypatch):
+    """SeededSamples seeds each sample's draws from (seed, rank, epoch, index) on the CPU alone:
+    torch.manual_seed would also reseed every CUDA generator (and not restore it), so with --workers 0
+    the step's device draws (shuffle BN, FPN skip dropout, --gpu-augment) would follow the last sample."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+
+    class Draws:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(2)
+    before = torch.get_rng_state()
+    a, b = common.SeededSamples(Draws(), 0, rank=0), common.SeededSamples(Draws(), 0, rank=1)
+    assert torch.equal(a[(0, 1)], a[(0, 1)]) and not torch.equal(a[(0, 1)], b[(0, 1)])
+    assert torch.equal(torch.get_rng_state(), before) and reseeded == []

@@ -153,8 +153,9 @@ def test_decon_variants_run_with_finite_losses(tmp_path, flags):
 
 
 def test_torchrun_two_processes(tmp_path):
+    """With whole-map skip dropout: a rank that drops a lateral still gives DDP its (zero) gradient."""
     script = rank_dump_script(tmp_path, "decon")
-    torchrun(2, script, *TINY_DECON, "--max-steps", "2", "--output-dir", tmp_path / "run")
+    torchrun(2, script, *TINY_DECON, "--max-steps", "2", "--skip-dropout", "0.5", "--output-dir", tmp_path / "run")
     assert_ranks_equal(tmp_path, 100)  # student, teacher, predictors
 
 
@@ -254,3 +255,30 @@ def test_warmup_starts_at_one_hundredth_of_the_lr(tmp_path):
     python("decon.py", *TINY_DECON, "--max-steps", "1", "--warmup-epochs", "1", "--lr", "0.64", "--output-dir", out)
     first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert first["lr"] == pytest.approx(0.64 * 8 / 256 / 100)  # SlotCon's GradualWarmupScheduler, multiplier 100
+
+
+def test_a_dropped_skip_map_still_gives_every_fpn_parameter_a_gradient():
+    """DDP without find_unused_parameters needs a gradient for every parameter each step: the
+    dropped lateral is multiplied by a 0. coin (zero gradient), not replaced by zeros (no gradient)."""
+    fpn = common.FPN([8, 16, 32, 64], 16, skip_dropout=1.0, skip_drop_mode="map").train()
+    feats = [torch.randn(2, c, s, s) for c, s in zip([8, 16, 32, 64], [16, 8, 4, 2])]
+    sum(p.square().sum() for p in fpn(feats)).backward()
+    for name, p in fpn.named_parameters():
+        assert p.grad is not None, name
+        if name.startswith(("lateral.0.", "lateral.1.", "lateral.2.")):  # C2-C4's laterals, all dropped at p = 1
+            assert not p.grad.any(), name
+
+
+def test_present_prototypes_equal_the_one_hot_formula():
+    """slot_loss's validity mask (a scatter of each pixel's argmax into (B, K)) equals the one-hot
+    formula it replaced (an int64 (B, h, w, K) tensor: ~400 MB at P2 in the paper's per-GPU batch)."""
+    torch.manual_seed(0)
+    B, K, h, w = 3, 16, 5, 7
+    score = torch.randn(B, K, h, w)
+    score[1, :, :, :] = score[1, :1]  # image 1: prototype 0 wins every pixel...
+    score[1, 0] += 1
+    score[2, :, 0, 0] = 0.0  # ...and a tie at one pixel
+    old = F.one_hot(score.argmax(1), K).flatten(1, 2).amax(1).bool()  # (B, K)
+    assert old[1].sum() == 1 and 1 < old[0].sum() < K
+    mask = decon.present_prototypes(score)
+    assert mask.dtype == torch.bool and torch.equal(mask, old)

@@ -155,3 +155,23 @@ def test_decode_only_caps_the_long_side_and_pads():
     assert x.dtype == torch.uint8 and x.shape == (3, 30, 50)
     images, sizes = common.pad_collate([x, common.DecodeOnly()(img)])
     assert images.shape == (2, 3, 60, 100) and sizes.tolist() == [[30, 50], [60, 100]] and images[0, :, 30:].sum() == 0
+
+
+def test_device_pipelines_make_every_tensor_on_the_images_device():
+    """On the meta device any tensor made on the CPU and combined with the batch fails ("Tensor on
+    device cpu is not on the expected device meta"): the CUDA path's device mix-ups, caught on a CPU."""
+    import adclr
+    import decon
+    import mcl
+    meta = torch.device("meta")
+    batch = (torch.randint(0, 256, (4, 3, 80, 96), dtype=torch.uint8), torch.tensor([[80, 96]] * 4))
+    a = adclr.get_args(["--global-size", "64", "--local-size", "32", "--local-crops", "2", "--num-queries", "4",
+                        "--query-size", "16"])
+    views = {"moco": common.MoCoV2Views(64)(batch, meta), "decon": decon.OverlappingViews(64, 0.08)(batch, meta),
+             "mcl": mcl.EightCropViews(64)(batch, meta), "adclr": adclr.MultiCropViews(a)(batch, meta)}
+    tensors = [t for out in views.values() for t in _flat(out)]
+    assert len(tensors) > 15 and all(t.device == meta for t in tensors)
+
+
+def _flat(x):
+    return [t for v in x for t in _flat(v)] if isinstance(x, (list, tuple)) else [x]

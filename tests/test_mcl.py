@@ -272,3 +272,18 @@ def test_torchrun_two_processes(tmp_path):
     torchrun(2, script, *TINY_MCL[:4], "--batch-size", "64", "--synthetic-len", "128", "--workers", "0",
              "--max-steps", "1", "--output-dir", tmp_path / "run")
     assert_ranks_equal(tmp_path, 100)
+
+
+def test_save_montage_takes_views_in_any_dtype_and_graph_state(tmp_path):
+    """--save-montage --gpu-augment hands the device pipeline's views over as they are: the PNG is
+    drawn on the host in fp32 from bf16 views that carry a graph, and shows the de-normalised batch."""
+    from PIL import Image
+    torch.manual_seed(0)
+    args = mcl.get_args(["--batch-size", "32", "--image-size", "32"])
+    w = torch.ones((), requires_grad=True)
+    views = [(torch.randn(32, 3, 32, 32) * w).bfloat16() for _ in range(8)]
+    mcl.save_montage_png(views, args, tmp_path / "m.png")
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "m.png"))).permute(2, 0, 1).float()  # (3, 32, 4·32)
+    first = views[0][0].detach().float() * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
+    assert png.shape == (3, 32, 128)
+    assert (png[:, :, :32] - (first.clamp(0, 1) * 255).floor()).abs().max() <= 1  # ratio 1: the batch's first image
