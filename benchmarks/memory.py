@@ -71,12 +71,11 @@ def setup_decon_densecl(args, device, dtype):
     net_k = copy.deepcopy(net_q).requires_grad_(False)
     global_queue = m.Queue(a.dim, a.queue_size).to(device)
     dense_queues = torch.nn.ModuleList(m.Queue(a.dim, a.queue_size) for _ in net_q.heads).to(device)
-    pq, pk = list(net_q.parameters()), list(net_k.parameters())
-    opt = torch.optim.SGD(pq, lr=0.03, momentum=0.9, weight_decay=1e-4, foreach=True)
+    opt = torch.optim.SGD(net_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     views = speed._views(2, args.batch_size, args.image_size, device)
-    weights = m.head_weights(a, len(net_q.heads))
-    return (lambda: m.train_step(views, net_q, net_k, global_queue, dense_queues, pk, pq, opt, scaler, weights, a, dtype, device),)
+    state = m.State(net_q, net_k, global_queue, dense_queues, m.head_weights(a, len(net_q.heads)), opt, scaler, dtype, device)
+    return (lambda: m.train_step(views, state, a),)
 
 
 def measure(method, batch, args):
