@@ -17,14 +17,15 @@ teacher's centered, sharpened assignment of the other view on the two crops' ove
 the prototype-pooled "slots" of the two views are contrasted (slot InfoNCE). The whole loss, both
 directions (A, B) = (1, 2) and (2, 1) summed:
 
-    L = sum_h a_h · [ w_h · sum_(A,B) CE(student_A, teacher_B)        the group loss, per overlap pixel
-                      + (1 - w_h) · sum_(A,B) 2·tau · InfoNCE_tau(predictor(student slots_A), teacher slots_B) ]
+    L = sum_h alpha_h · [ w_h · sum_(A,B) CE(student_A, teacher_B)     the group loss, per overlap pixel
+                          + (1 - w_h) · sum_(A,B) 2·tau · InfoNCE_tau(predictor(student slots_A), teacher slots_B) ]
 
     heads h: the encoder's (on C5), then the decoder's (FPN P2, P2-P5 with --deep-supervision, or
-    the FCN's output); a = alpha for the encoder head, (1 - alpha) / levels for each decoder head:
-    DeCon-SL [0.5, 0.5], DeCon-ML [0.5, 0.125, 0.125, 0.125, 0.125], --decoder none [1];
-    w_h = 0.5 (--group-loss-weight; --decoder-group-loss-weight for the decoder heads, default the
-    same), tau = 0.2 (--slot-temp), student / teacher temperatures 0.1 / 0.07.
+    the FCN's output); alpha_h = alpha (--encoder-loss-weight) for the encoder head, (1 - alpha) /
+    levels for each decoder head: DeCon-SL [0.5, 0.5], DeCon-ML [0.5, 0.125, 0.125, 0.125, 0.125],
+    --decoder none [1]; w_h = 0.5 (--group-loss-weight; --decoder-group-loss-weight for the decoder
+    heads, default the same); tau = 0.2 (--slot-temp), student / teacher temperatures 0.1 / 0.07.
+    alpha_h and w_h are computed once in main() (loss_weights) and carried by the step's State.
 
 The modules:
     student    encoder (+ decoder), and per head a projector and K prototypes   trained by the gradient
@@ -33,10 +34,12 @@ The modules:
     centers    one per head: EMA (0.9) of the teacher's mean assignment scores          buffers
 There is no queue: a student slot's negatives are the valid teacher slots of the global batch.
 
-Shapes per GPU at the paper's COCO run (8 GPUs x 64 images, 224 px, ResNet-50, K = 256, DeCon-SL):
-views (64, 3, 224, 224) x 2; encoder head: C5 (64, 2048, 7, 7) -> projection (64, 256, 7, 7) ->
-scores (64, 256, 7, 7); decoder head: P2 (64, 256, 56, 56) -> projection (64, 256, 56, 56) ->
-scores (64, 256, 56, 56); slots (64, 256, 256) per view and head.
+Shapes per GPU at the paper's COCO run (8 GPUs x B = 64 images, 224 px, ResNet-50, K = 256
+prototypes, D = 256 projection dimensions, DeCon-SL):
+    views                         (B=64, 3, 224, 224) x 2
+    encoder head    C5            (B, 2048, 7, 7)    -> z (B, D=256, 7, 7)   -> score (B, K=256, 7, 7)
+    decoder head    P2            (B, 256, 56, 56)   -> z (B, D, 56, 56)     -> score (B, K, 56, 56)
+    slots                         (B, K, D) per view and head
 
 Launch:
     python decon.py                                              # DeCon-SL over SlotCon, COCO recipe, synthetic data
@@ -78,7 +81,7 @@ encoder's; the decoder levels' losses averaged.
 import argparse
 import copy
 import random
-import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -101,7 +104,8 @@ def get_args(argv=None):
     p.add_argument("--skip-dropout", type=float, default=0.0, help="drop whole FPN skip maps (exclusive with the above)")
     p.add_argument("--fcn-channels", type=int, default=256, help="FCN decoder width (ADE20K setting: 512)")
     p.add_argument("--fcn-dilation", type=int, default=6, help="dilation of the FCN decoder's 3x3 convs (VOC/Cityscapes: 6, ADE20K: 1)")
-    p.add_argument("--encoder-loss-weight", type=float, default=0.5, help="alpha in alpha·L_enc + (1-alpha)·L_dec; 0 = no encoder head")
+    p.add_argument("--encoder-loss-weight", type=float, default=None,
+                   help="alpha in alpha·L_enc + (1-alpha)·L_dec; 0 = no encoder head (DeCon: 0.5; with a decoder only)")
     p.add_argument("--arch", default="resnet50", choices=common.RESNET_ARCHS, help="backbone (paper: resnet50)")
     p.add_argument("--image-size", type=int, default=224, help="crop side (paper: 224)")
     p.add_argument("--num-prototypes", type=int, default=None, help="K (SlotCon: 256 on COCO, 2048 on ImageNet)")
@@ -137,12 +141,12 @@ def get_args(argv=None):
         p.error("skip-connection dropout needs --decoder fpn")
     if args.deep_supervision and args.decoder != "fpn":
         p.error("--deep-supervision needs --decoder fpn")
-    if args.decoder != "none" and args.encoder_loss_weight >= 1:
+    if args.decoder != "none" and args.encoder_loss_weight is not None and args.encoder_loss_weight >= 1:
         p.error("--encoder-loss-weight 1 leaves the decoder without a loss; use --decoder none for the plain framework")
-    if args.decoder == "none" and args.encoder_loss_weight != 0.5:
+    if args.decoder == "none" and args.encoder_loss_weight is not None:
         p.error("--encoder-loss-weight only applies with a decoder")
     # Derived values, computed once.
-    args.alpha = 1.0 if args.decoder == "none" else args.encoder_loss_weight
+    args.alpha = 1.0 if args.decoder == "none" else 0.5 if args.encoder_loss_weight is None else args.encoder_loss_weight
     common.split_batch(p, args)
     args.num_prototypes = args.num_prototypes or (2048 if args.data == "imagenet" else 256)
     args.decoder_num_prototypes = args.decoder_num_prototypes or args.num_prototypes
@@ -153,10 +157,104 @@ def get_args(argv=None):
 
 
 # =================================================================================================
+# Data
+# =================================================================================================
+def crop_with_box(img, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
+                  interpolation=v2.InterpolationMode.BICUBIC):
+    """RandomResizedCrop that also returns its box (x0, y0, x1, y1) in [0, 1] image units and flip."""
+    top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(img, scale, ratio)
+    crop = v2.functional.resized_crop(img, top, left, h, w, [size, size], interpolation, antialias=True)
+    flip = random.random() < flip_p
+    if flip:
+        crop = v2.functional.horizontal_flip(crop)
+    width, height = img.size
+    box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
+    return crop, box, flip
+
+
+def overlap_boxes(b1, f1, b2, f2):
+    """The overlap of crop boxes b1, b2 ((..., 4) in image [0, 1] units) in each view's own [0, 1]
+    frame, mirrored where a view is flipped (f1, f2: bools of shape (...)): (..., 2, 4), the boxes
+    align_to_overlap expects. Per image here; batched for --gpu-augment."""
+    lo, hi = torch.maximum(b1[..., :2], b2[..., :2]), torch.minimum(b1[..., 2:], b2[..., 2:])  # overlap, image coords
+    boxes = []
+    for b, flip in ((b1, f1), (b2, f2)):
+        wh = b[..., 2:] - b[..., :2]
+        box = torch.cat([(lo - b[..., :2]) / wh, (hi - b[..., :2]) / wh], -1)  # (x0, y0, x1, y1) in the view
+        mirrored = torch.stack([1 - box[..., 2], box[..., 1], 1 - box[..., 0], box[..., 3]], -1)
+        boxes.append(torch.where(torch.as_tensor(flip, device=box.device)[..., None], mirrored, box))
+    return torch.stack(boxes, -2)
+
+
+class TwoCropsWithOverlap:
+    """SlotCon's views: two crops that overlap, their overlap boxes, flip flags, and the BYOL
+    asymmetric colour pipelines (blur 1.0 / 0.1, solarize 0 / 0.2)."""
+
+    def __init__(self, size, min_scale):
+        self.size, self.scale = size, (min_scale, 1.0)
+        self.colour1, self.colour2 = common.byol_augmentations(size, crop=False)
+
+    def __call__(self, img):
+        view1, b1, f1 = crop_with_box(img, self.size, self.scale)
+        for _ in range(10):  # the second crop must cover at least 1% of its area with the first
+            view2, b2, f2 = crop_with_box(img, self.size, self.scale)
+            inter = (torch.minimum(b1[2:], b2[2:]) - torch.maximum(b1[:2], b2[:2])).clamp(min=0).prod()
+            if inter >= 0.01 * (b2[2:] - b2[:2]).prod():
+                break
+        else:  # no overlapping crop in 10 tries: use the first crop twice
+            view2, b2, f2 = view1, b1, f1
+        return [self.colour1(view1), self.colour2(view2)], overlap_boxes(b1, f1, b2, f2), torch.tensor([f1, f2])
+
+
+class OverlappingViews:
+    """TwoCropsWithOverlap on the device: two crops whose overlap covers at least 1% of the
+    second (the first of 10 candidates; else the first crop twice), BYOL's asymmetric colour
+    (blur 1.0 / 0.1, solarize 0 / 0.2). Returns ([view1, view2], overlap boxes (B, 2, 4), flips (B, 2))
+    as the CPU pipeline."""
+
+    def __init__(self, size, min_scale):
+        self.size, self.scale, self.kernel = size, (min_scale, 1.0), common.blur_kernel(size)
+
+    @torch.no_grad()
+    def __call__(self, batch, device):
+        images, sizes = common.device_images(batch, device)
+        B = len(images)
+        b1 = common.crop_params(sizes.float(), self.scale) / sizes.float().flip(1).repeat(1, 2)  # (B, 4) in [0, 1]
+        cand = (common.crop_params(sizes.float().repeat(10, 1), self.scale) / sizes.float().flip(1).repeat(10, 2)).view(10, B, 4)
+        inter = (torch.minimum(b1[..., 2:], cand[..., 2:]) - torch.maximum(b1[..., :2], cand[..., :2])).clamp(min=0).prod(-1)
+        ok = inter >= 0.01 * (cand[..., 2:] - cand[..., :2]).prod(-1)  # (10, B)
+        first = ok.int().argmax(0)  # the first overlapping candidate (0 if none)
+        b2 = torch.where(ok.any(0)[:, None], cand[first, torch.arange(B, device=device)], b1)  # (B, 4)
+        f1 = torch.rand(B, device=device) < 0.5
+        f2 = torch.where(ok.any(0), torch.rand(B, device=device) < 0.5, f1)
+        wh = sizes.float().flip(1).repeat(1, 2)
+        x = common.resized_crops(images, torch.cat([b1, b2]) * torch.cat([wh, wh]), self.size)  # (2B, 3, S, S)
+        flips = torch.cat([f1, f2])
+        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        view1 = common.device_colour(x[:B], **common.BYOL_COLOUR, p_blur=1.0, p_solarize=0.0, kernel=self.kernel)
+        view2 = common.device_colour(x[B:], **common.BYOL_COLOUR, p_blur=0.1, p_solarize=0.2, kernel=self.kernel)
+        return [view1, view2], overlap_boxes(b1, f1, b2, f2), torch.stack([f1, f2], 1)
+
+
+def build_data(args, device):
+    """SlotCon's views: overlapping crops with their overlap boxes and flips. Returns the loader and, with --gpu-augment, the device-side
+    augmentation (common.py, section 7) its decoded batches go through."""
+    if args.gpu_augment:
+        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
+        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
+                OverlappingViews(args.image_size, args.min_scale))
+    dataset = common.build_pretrain_dataset(args, TwoCropsWithOverlap(args.image_size, args.min_scale))
+    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
+
+
+# =================================================================================================
 # Model
 # =================================================================================================
 def fcn_decoder(cin, channels=256, dilation=6):
-    """FCN decoder on C5: two 3x3 conv-BN-ReLU (dilated), as the FCN-D6 segmentation head."""
+    """FCN decoder on C5: two 3x3 conv-BN-ReLU (dilated), as the FCN-D6 segmentation head. Dilation 6
+    on a 7 x 7 C5 at 224 px (most taps fall in the zero padding) is the DeCon authors' choice: their
+    MMSeg_FCN_Decoder with the Cityscapes setting (256 channels, padding 6, dilation 6), the width and
+    dilation of the FCN-D6 head it initialises downstream (ADE20K's: 512, dilation 1)."""
     conv = lambda i: nn.Conv2d(i, channels, 3, padding=dilation, dilation=dilation, bias=False)
     return nn.Sequential(conv(cin), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
                          conv(channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
@@ -174,9 +272,14 @@ def mlp(cin, hidden, out, conv):
     return net
 
 
+class HeadOutput(NamedTuple):
+    """One head's output on one view."""
+    z: torch.Tensor  # (B, D, h, w) the projection of every pixel
+    score: torch.Tensor  # (B, K, h, w) its cosine with every prototype
+
+
 class SlotHead(nn.Module):
-    """SlotCon head on one feature map: projector and K prototypes. Returns the projection
-    z (B, D, h, w) and the cosine score of every pixel with every prototype (B, K, h, w)."""
+    """SlotCon head on one feature map: projector and K prototypes. Returns a HeadOutput."""
 
     def __init__(self, cin, hidden, dim, num_prototypes):
         super().__init__()
@@ -186,7 +289,7 @@ class SlotHead(nn.Module):
     def forward(self, x):
         z = self.projector(x)
         score = torch.einsum("kd,bdhw->bkhw", F.normalize(self.prototypes.weight, dim=1), F.normalize(z, dim=1))
-        return z, score
+        return HeadOutput(z, score)
 
 
 class Network(nn.Module):
@@ -238,12 +341,6 @@ class Network(nn.Module):
         """Each view separately (BN statistics per view, as the official code), in one call so that
         DDP sees a single forward per backward. Returns, per view, a list of per-head outputs."""
         return [self.forward_one(x) for x in views]
-
-
-@torch.no_grad()
-def ema_update(teacher_params, student_params, m):
-    """teacher <- m·teacher + (1 - m)·student over encoder, decoder, projectors and prototypes."""
-    torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
 
 
 # =================================================================================================
@@ -324,139 +421,46 @@ def slot_loss(q_slots, k_slots, score_q, score_k, predictor, tau):
     return F.cross_entropy(logits, labels) * 2 * tau
 
 
-@torch.no_grad()
-def update_center(center, teacher_scores, momentum):
-    """center <- momentum·center + (1 - momentum)·mean teacher score over every pixel of every
-    rank. teacher_scores: (B', K, h, w); center: (K,)."""
-    batch_center = teacher_scores.mean((0, 2, 3))  # (K,)
-    if common.world_size() > 1:
-        dist.all_reduce(batch_center)
-        batch_center /= common.world_size()
-    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
-
-
 def head_weights(args, num_heads):
-    """Weight of each head's loss: alpha for the encoder head, (1 - alpha) / levels for decoder heads."""
+    """alpha_h, the weight of each head's loss: alpha for the encoder head, (1 - alpha) / levels for
+    each decoder head."""
     n_dec = num_heads - (1 if args.alpha > 0 else 0)
     return ([args.alpha] if args.alpha > 0 else []) + [(1 - args.alpha) / max(n_dec, 1)] * n_dec
 
 
+def group_weights(args, num_heads):
+    """w_h, each head's share of the group loss against the slot loss: --group-loss-weight for the
+    encoder head, --decoder-group-loss-weight for the decoder heads."""
+    n_enc = 1 if args.alpha > 0 else 0
+    return [args.group_loss_weight] * n_enc + [args.decoder_group_loss_weight] * (num_heads - n_enc)
+
+
 @common.fp32
-def slotcon_losses(out_s, out_t, boxes, flips, predictors, centers, weights, group_weights, args):
+def slotcon_losses(out_s, out_t, boxes, flips, predictors, centers, alpha_h, w_h, args):
     """The SlotCon losses of every head, in fp32; updates the centers. Returns (total, per head (H,)).
 
-    out_s, out_t: student and teacher outputs, per view (2), per head: (z (B, D, h, w), score
-    (B, K_h, h, w)). boxes (B, 2, 4), flips (B, 2): per view, for align_to_overlap.
-    The rule: student view A against teacher view B, both directions (A, B) = (1, 2) and (2, 1).
+    out_s, out_t: student and teacher outputs, per view (2), per head: a HeadOutput (z (B, D, h, w),
+    score (B, K_h, h, w)). boxes (B, 2, 4), flips (B, 2): per view, for align_to_overlap. alpha_h,
+    w_h: the docstring's weights, one per head. The rule: student view A against teacher view B,
+    both directions (A, B) = (1, 2) and (2, 1).
     """
     total, per_head = 0.0, []
-    for h, (predictor, center, w) in enumerate(zip(predictors, centers, group_weights)):
+    for h, (predictor, center, w) in enumerate(zip(predictors, centers, w_h)):
         l_group, l_slot = 0.0, 0.0
         for a, b in ((0, 1), (1, 0)):
-            z_s, score_s = (t.float() for t in out_s[a][h])  # student, view A
-            z_t, score_t = (t.float() for t in out_t[b][h])  # teacher, view B
+            z_s, score_s = out_s[a][h].z.float(), out_s[a][h].score.float()  # student, view A
+            z_t, score_t = out_t[b][h].z.float(), out_t[b][h].score.float()  # teacher, view B
             l_group = l_group + group_loss(align_to_overlap(score_s, boxes[:, a], flips[:, a]),
                                            align_to_overlap(score_t, boxes[:, b], flips[:, b]),
                                            center, args.student_temp, args.teacher_temp)
             temp = args.teacher_temp  # SlotCon pools student and teacher slots at the teacher temperature
             l_slot = l_slot + slot_loss(slots(z_s, score_s, temp), slots(z_t, score_t, temp), score_s, score_t,
                                         predictor, args.slot_temp)
-        update_center(center, torch.cat([out_t[0][h][1], out_t[1][h][1]]).float(), args.center_momentum)
+        update_center(center, torch.cat([out_t[0][h].score, out_t[1][h].score]).float(), args.center_momentum)
         loss = w * l_group + (1 - w) * l_slot
-        total = total + weights[h] * loss
+        total = total + alpha_h[h] * loss
         per_head.append(loss.detach())
     return total, torch.stack(per_head)
-
-
-# =================================================================================================
-# Data
-# =================================================================================================
-def crop_with_box(img, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
-                  interpolation=v2.InterpolationMode.BICUBIC):
-    """RandomResizedCrop that also returns its box (x0, y0, x1, y1) in [0, 1] image units and flip."""
-    top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(img, scale, ratio)
-    crop = v2.functional.resized_crop(img, top, left, h, w, [size, size], interpolation, antialias=True)
-    flip = random.random() < flip_p
-    if flip:
-        crop = v2.functional.horizontal_flip(crop)
-    width, height = img.size
-    box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height])
-    return crop, box, flip
-
-
-def overlap_boxes(b1, f1, b2, f2):
-    """The overlap of crop boxes b1, b2 ((..., 4) in image [0, 1] units) in each view's own [0, 1]
-    frame, mirrored where a view is flipped (f1, f2: bools of shape (...)): (..., 2, 4), the boxes
-    align_to_overlap expects. Per image here; batched for --gpu-augment."""
-    lo, hi = torch.maximum(b1[..., :2], b2[..., :2]), torch.minimum(b1[..., 2:], b2[..., 2:])  # overlap, image coords
-    boxes = []
-    for b, flip in ((b1, f1), (b2, f2)):
-        wh = b[..., 2:] - b[..., :2]
-        box = torch.cat([(lo - b[..., :2]) / wh, (hi - b[..., :2]) / wh], -1)  # (x0, y0, x1, y1) in the view
-        mirrored = torch.stack([1 - box[..., 2], box[..., 1], 1 - box[..., 0], box[..., 3]], -1)
-        boxes.append(torch.where(torch.as_tensor(flip, device=box.device)[..., None], mirrored, box))
-    return torch.stack(boxes, -2)
-
-
-class TwoCropsWithOverlap:
-    """SlotCon's views: two crops that overlap, their overlap boxes, flip flags, and the BYOL
-    asymmetric colour pipelines (blur 1.0 / 0.1, solarize 0 / 0.2)."""
-
-    def __init__(self, size, min_scale):
-        self.size, self.scale = size, (min_scale, 1.0)
-        self.colour1, self.colour2 = common.byol_augmentations(size, crop=False)
-
-    def __call__(self, img):
-        v1, b1, f1 = crop_with_box(img, self.size, self.scale)
-        for _ in range(10):  # the second crop must cover at least 1% of its area with the first
-            v2, b2, f2 = crop_with_box(img, self.size, self.scale)
-            inter = (torch.minimum(b1[2:], b2[2:]) - torch.maximum(b1[:2], b2[:2])).clamp(min=0).prod()
-            if inter >= 0.01 * (b2[2:] - b2[:2]).prod():
-                break
-        else:  # no overlapping crop in 10 tries: use the first crop twice
-            v2, b2, f2 = v1, b1, f1
-        return [self.colour1(v1), self.colour2(v2)], overlap_boxes(b1, f1, b2, f2), torch.tensor([f1, f2])
-
-
-class OverlappingViews:
-    """TwoCropsWithOverlap on the device: two crops whose overlap covers at least 1% of the
-    second (the first of 10 candidates; else the first crop twice), BYOL's asymmetric colour
-    (blur 1.0 / 0.1, solarize 0 / 0.2). Returns ([v1, v2], overlap boxes (B, 2, 4), flips (B, 2))
-    as the CPU pipeline."""
-
-    def __init__(self, size, min_scale):
-        self.size, self.scale, self.kernel = size, (min_scale, 1.0), common.blur_kernel(size)
-
-    @torch.no_grad()
-    def __call__(self, batch, device):
-        images, sizes = common.device_images(batch, device)
-        B = len(images)
-        b1 = common.crop_params(sizes.float(), self.scale) / sizes.float().flip(1).repeat(1, 2)  # (B, 4) in [0, 1]
-        cand = (common.crop_params(sizes.float().repeat(10, 1), self.scale) / sizes.float().flip(1).repeat(10, 2)).view(10, B, 4)
-        inter = (torch.minimum(b1[..., 2:], cand[..., 2:]) - torch.maximum(b1[..., :2], cand[..., :2])).clamp(min=0).prod(-1)
-        ok = inter >= 0.01 * (cand[..., 2:] - cand[..., :2]).prod(-1)  # (10, B)
-        first = ok.int().argmax(0)  # the first overlapping candidate (0 if none)
-        b2 = torch.where(ok.any(0)[:, None], cand[first, torch.arange(B, device=device)], b1)  # (B, 4)
-        f1 = torch.rand(B, device=device) < 0.5
-        f2 = torch.where(ok.any(0), torch.rand(B, device=device) < 0.5, f1)
-        wh = sizes.float().flip(1).repeat(1, 2)
-        x = common.resized_crops(images, torch.cat([b1, b2]) * torch.cat([wh, wh]), self.size)  # (2B, 3, S, S)
-        flips = torch.cat([f1, f2])
-        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
-        v1 = common.device_colour(x[:B], **common.BYOL_COLOUR, p_blur=1.0, p_solarize=0.0, kernel=self.kernel)
-        v2 = common.device_colour(x[B:], **common.BYOL_COLOUR, p_blur=0.1, p_solarize=0.2, kernel=self.kernel)
-        return [v1, v2], overlap_boxes(b1, f1, b2, f2), torch.stack([f1, f2], 1)
-
-
-def build_data(args, device):
-    """SlotCon's views: overlapping crops with their overlap boxes and flips. Returns the loader and, with --gpu-augment, the device-side
-    augmentation (common.py, section 7) its decoded batches go through."""
-    if args.gpu_augment:
-        dataset = common.build_pretrain_dataset(args, common.DecodeOnly(args.max_side))
-        return (common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device, common.pad_collate),
-                OverlappingViews(args.image_size, args.min_scale))
-    dataset = common.build_pretrain_dataset(args, TwoCropsWithOverlap(args.image_size, args.min_scale))
-    return common.make_loader(dataset, args.batch_per_rank, args.workers, args.seed, device), None
 
 
 # =================================================================================================
@@ -471,33 +475,63 @@ def schedules(args, steps_per_epoch):
     return lr, common.momentum_schedule(args.teacher_momentum, args.epochs, steps_per_epoch)
 
 
-def train_step(batch, student, teacher, predictors, centers, params_t, params_s, m, optimizer, scaler, weights, args,
-               dtype, device):
-    """One DeCon iteration: EMA update, student/teacher forward (autocast), fp32 head losses, update."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    ema_update(params_t, params_s, m)  # once per iteration, before the teacher's forward (SlotCon)
+@torch.no_grad()
+def ema_update(teacher_params, student_params, m):
+    """teacher <- m·teacher + (1 - m)·student over encoder, decoder, projectors and prototypes."""
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
+
+
+@torch.no_grad()
+def update_center(center, teacher_scores, momentum):
+    """center <- momentum·center + (1 - momentum)·mean teacher score over every pixel of every
+    rank. teacher_scores: (B', K, h, w); center: (K,)."""
+    batch_center = teacher_scores.mean((0, 2, 3))  # (K,)
+    if common.world_size() > 1:
+        dist.all_reduce(batch_center)
+        batch_center /= common.world_size()
+    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
+
+
+class State(NamedTuple):
+    """What a DeCon step reads and updates, besides its batch."""
+    student: nn.Module  # encoder (+ decoder) and the heads, as trained (DDP / torch.compile wrap it)
+    teacher: nn.Module  # an EMA of the student, never trained by gradients
+    predictors: nn.ModuleList  # one per head, student only (outside DDP: their gradients are averaged by hand)
+    centers: list  # one (K,) tensor per head: EMA of the teacher's assignment scores
+    alpha_h: list  # each head's loss weight (head_weights)
+    w_h: list  # each head's group-loss share (group_weights)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 only
+    dtype: torch.dtype  # autocast dtype, None for fp32
+    device: torch.device
+
+
+def train_step(batch, s, momentum, args):
+    """One DeCon iteration at teacher EMA `momentum`: the EMA update, student and teacher on both
+    views (autocast), the fp32 head losses (which update the centers), the optimizer step. Returns
+    the total loss and one per head, (1 + H,) (no host sync)."""
+    memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format
+    ema_update(list(s.teacher.parameters()), list(s.student.parameters()), momentum)  # before the teacher's forward (SlotCon)
     views, boxes, flips = batch  # the overlap boxes and flips come from TwoCropsWithOverlap (Data)
-    x1, x2 = (v.to(device, non_blocking=True, memory_format=memory_format) for v in views)  # (B, 3, H, W)
-    with common.autocast(device, dtype):
-        out_s = student(x1, x2)  # per view, per head: (z, score)
+    x1, x2 = (v.to(s.device, non_blocking=True, memory_format=memory_format) for v in views)  # (B, 3, H, W)
+    with common.autocast(s.device, s.dtype):
+        out_s = s.student(x1, x2)  # per view, per head: HeadOutput(z, score)
         with torch.no_grad():
-            out_t = teacher(x1, x2)
-    group_weights = [args.group_loss_weight] * (1 if args.alpha > 0 else 0)
-    group_weights += [args.decoder_group_loss_weight] * (len(weights) - len(group_weights))
-    loss, per_head = slotcon_losses(out_s, out_t, boxes.to(device), flips.to(device), predictors, centers, weights,
-                                    group_weights, args)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+            out_t = s.teacher(x1, x2)
+    loss, per_head = slotcon_losses(out_s, out_t, boxes.to(s.device), flips.to(s.device), s.predictors, s.centers,
+                                    s.alpha_h, s.w_h, args)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
     if common.world_size() > 1:
         # The predictors see a data-dependent subset of slots, outside the DDP-wrapped forward:
         # average their gradients by hand (a rank without valid slots contributes zeros).
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in predictors.parameters()]
-        for p, g in zip(predictors.parameters(), grads):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in s.predictors.parameters()]
+        for p, g in zip(s.predictors.parameters(), grads):
             p.grad = g
             dist.all_reduce(g)
         torch._foreach_div_(grads, common.world_size())
-    scaler.step(optimizer)
-    scaler.update()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
     return torch.cat([loss.detach().view(1), per_head])
 
 
@@ -514,84 +548,53 @@ def main(argv=None):
 
     loader, device_views = build_data(args, device)
     steps_per_epoch = len(loader)
-    total_steps = args.epochs * steps_per_epoch
     lr_schedule, m_schedule = schedules(args, steps_per_epoch)
 
     student = common.sync_batchnorm(Network(args), True).to(device)  # SyncBN for every network, as SlotCon
     teacher = copy.deepcopy(student).requires_grad_(False)
     n_heads = len(student.heads)
-    weights = head_weights(args, n_heads)
+    alpha_h, w_h = head_weights(args, n_heads), group_weights(args, n_heads)  # the docstring's weights
     predictors = common.sync_batchnorm(nn.ModuleList(mlp(args.dim_out, args.dim_hidden, args.dim_out, conv=False)
                                                      for _ in range(n_heads)), True).to(device)  # one per head
     centers = [torch.zeros(h.prototypes.num_embeddings, device=device) for h in student.heads]  # one per head
     if device.type == "cuda":
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
-    params_s, params_t = list(student.parameters()), list(teacher.parameters())
-    common.seed_everything(args.seed + rank)  # from here on, each rank draws its own augmentations
+    # Every rank starts from the same weights (seeded above); from here on each rank draws its own
+    # random numbers (crops, skip dropout), or all ranks would see the same crops.
+    common.seed_everything(args.seed + rank)
     common.print0(f"DeCon | SlotCon + decoder {args.decoder}{' (ML)' if args.deep_supervision else ''} | "
-                  f"{n_heads} heads, weights {[round(w, 3) for w in weights]} | {args.arch} {args.image_size}px | "
+                  f"{n_heads} heads, weights {[round(a, 3) for a in alpha_h]} | {args.arch} {args.image_size}px | "
                   f"{world} x {args.batch_per_rank} images | lr {args.scaled_lr:g} | {args.epochs} epochs x {steps_per_epoch} "
-                  f"steps | amp {dtype} | device {device} | output {out}")
-
-    trainable = nn.ModuleList([student, predictors])
-    optimizer = common.LARS(common.lars_param_groups(trainable), lr=args.scaled_lr, weight_decay=args.weight_decay)
+                  f"steps | {common.precision_name(dtype)} | device {device} | output {out}")
+    optimizer = common.LARS(common.lars_param_groups(nn.ModuleList([student, predictors])), lr=args.scaled_lr,
+                            weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    ckpt_path = out / "checkpoint.pth"
-    state = {"student": student, "teacher": teacher, "predictors": predictors}
-    step, ckpt = common.resume(ckpt_path, state, optimizer, scaler, device, args, log)
-    if ckpt is not None:
-        for c, saved in zip(centers, ckpt["centers"]):
+    loop = common.Loop(out, {"student": student, "teacher": teacher, "predictors": predictors}, optimizer, scaler,
+                       args, log, steps_per_epoch, device, extra={"centers": centers}, rest_name="head_losses")
+    if loop.checkpoint is not None:  # resumed: the centers too
+        for c, saved in zip(centers, loop.checkpoint["centers"]):
             c.copy_(saved)
-    save = lambda: common.save_checkpoint(ckpt_path, state, optimizer, scaler, step, args, {"centers": centers},
-                                          losses=running)  # checks that nothing diverged first
-
     model_s = nn.parallel.DistributedDataParallel(student) if world > 1 else student
-    if args.compile:
-        model_s = torch.compile(model_s)
-    last_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    running, tick, tick_step = torch.zeros(1 + n_heads, device=device), time.time(), step
-    common.catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, exit
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip = (step - epoch * steps_per_epoch) * args.batch_per_rank
-        bar = common.progress(loader, epoch, args.epochs)
-        for batch in bar:
-            if step >= last_step:
-                break
-            if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
-                batch = device_views(batch, device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_schedule[step]
-            running += train_step(batch, model_s, teacher, predictors, centers, params_t, params_s, m_schedule[step],
-                                  optimizer, scaler, weights, args, dtype, device)
-            step += 1
-            stop = common.stop_requested()  # the same on every rank
-            if step % args.log_every == 0 or step == last_step or stop:
-                common.check_finite(running, state, step, ckpt_path)  # stops the run on NaN/inf
-                losses = (common.mean_over_ranks(running) / (step - tick_step)).tolist()
-                speed = (step - tick_step) * args.batch_size / (time.time() - tick)
-                bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr_schedule[step - 1]:.4f}",
-                                img_s=common.format_rate(speed))
-                log.write(step=step, epoch=epoch, loss=losses[0], head_losses=losses[1:], lr=lr_schedule[step - 1],
-                          teacher_momentum=m_schedule[step - 1], images_per_s=speed)
-                running.zero_()
-                tick, tick_step = time.time(), step
-            if step % args.save_every == 0 or stop:
-                save()
-            if stop:
-                common.exit_on_signal(stop, step, ckpt_path)
-        loader.sampler.skip = 0
-        save()
+    s = State(torch.compile(model_s) if args.compile else model_s, teacher, predictors, centers, alpha_h, w_h,
+              optimizer, scaler, dtype, device)
+
+    for epoch, batch in loop.batches(loader):
+        if device_views is not None:  # --gpu-augment: decoded images -> the method's views, on the device
+            batch = device_views(batch, device)
+        lr, momentum = lr_schedule[loop.step], m_schedule[loop.step]
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        losses = train_step(batch, s, momentum, args)  # (1 + H,): the total, then one per head
+        loop.end_step(losses, lr, teacher_momentum=momentum)
+    loop.save()
     # Downstream uses the teacher encoder and decoder, as SlotCon/DeCon's conversion scripts.
     if common.is_main():
         common.save_downstream(out / "downstream.pth", "decon" if args.decoder != "none" else "slotcon", args.arch,
                                teacher.encoder, teacher.decoder, teacher.decoder_config(args),
                                extra={"framework": "slotcon"})
-    common.print0(f"done: step {step}/{total_steps}; checkpoint {ckpt_path}; downstream weights {out / 'downstream.pth'}")
+    common.print0(f"done: step {loop.step}/{loop.last_step}; checkpoint {loop.path}; downstream weights "
+                  f"{out / 'downstream.pth'}")
     if world > 1:
         dist.destroy_process_group()
     return student, teacher, predictors

@@ -97,10 +97,10 @@ def setup_decon(args, device, dtype):
     views = _views(2, args.batch_size, args.image_size, device)
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device).repeat(args.batch_size, 2, 1)  # (B, 2, 4): full overlap
     flips = torch.zeros(args.batch_size, 2, dtype=torch.bool, device=device)
-    weights = decon.head_weights(a, len(student.heads))
     model_s = _prepare(device, args, student, teacher)
-    step = lambda: decon.train_step((views, boxes, flips), model_s, teacher, predictors, centers, pt, ps, 0.99, opt,
-                                    scaler, weights, a, dtype, device)
+    state = decon.State(model_s, teacher, predictors, centers, decon.head_weights(a, len(student.heads)),
+                        decon.group_weights(a, len(student.heads)), opt, scaler, dtype, device)
+    step = lambda: decon.train_step((views, boxes, flips), state, 0.99, a)
     x = [_cl(v, device) for v in views]
     nets = (lambda: model_s(*x), lambda: teacher(*x), ps)  # the predictors (an MLP on a few slots) left out
     return step, views, views, common.ResNetTrunk(args.arch), nets

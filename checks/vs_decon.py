@@ -95,7 +95,7 @@ def check(path, cli, table, notes):
                "DeCon-ML (P2-P5, skip channel dropout 0.5, seeded alike)" if DEEP_SUPERVISION else "DeCon-SL")
     notes.add(f"{variant}: {arch} at {size} px (C5 {size // 32} x {size // 32}, P2 {size // 4} x {size // 4}), "
               f"{BATCH_PER_RANK} images per process, K 16 prototypes per head, hidden 64, out 32, alpha "
-              f"{args.encoder_loss_weight}, teacher momentum 0.9 -> 1; LARS base lr {args.lr} x N/256 constant over "
+              f"{args.alpha}, teacher momentum 0.9 -> 1; LARS base lr {args.lr} x N/256 constant over "
               f"the {steps} steps compared (epoch 2 of {EPOCHS})")
     notes.add("official training loop: SlotCon's main_pretrain.train (the fork's own was not available here)")
     notes.add("stand-in: nn.SyncBatchNorm.convert_sync_batchnorm converts nothing (torch's SyncBatchNorm needs CUDA)")
@@ -104,7 +104,7 @@ def check(path, cli, table, notes):
         arch=arch, dim_hidden=args.dim_hidden, dim_out=args.dim_out, teacher_momentum=args.teacher_momentum,
         decoder_downstream_dataset="ade20k" if FCN else "cityscapes", decoder_type="FCN" if FCN else "FPN", no_ddp=False, sk_dropout_prob=0.0,
         sk_channel_dropout_prob=args.skip_channel_dropout, decoder_deep_supervision=DEEP_SUPERVISION,
-        group_loss_weight=args.group_loss_weight, group_loss_weight_dec=args.decoder_group_loss_weight, encoder_loss_weight=args.encoder_loss_weight,
+        group_loss_weight=args.group_loss_weight, group_loss_weight_dec=args.decoder_group_loss_weight, encoder_loss_weight=args.alpha,
         student_temp=args.student_temp, teacher_temp=args.teacher_temp, num_prototypes=args.num_prototypes,
         num_prototypes_dec=0, center_momentum=args.center_momentum, num_instances=steps * BATCH_PER_RANK * world,
         world_size=world, batch_size=BATCH_PER_RANK, epochs=EPOCHS, start_epoch=1)
@@ -146,8 +146,6 @@ def check(path, cli, table, notes):
     load_mapped(mine, ref.state_dict(), model_key)
     dec_centers = [f"center_dec_{i}" for i in range(4)] if DEEP_SUPERVISION else ["center_dec"]
     centers = [ref.center.view(-1).clone()] + [getattr(ref, c).view(-1).clone() for c in dec_centers]
-    weights = decon.head_weights(args, n_heads)
-    params_s, params_t = list(student.parameters()), list(teacher.parameters())
     optimizer = common.LARS(common.lars_param_groups(nn.ModuleList([student, predictors])), lr=args.scaled_lr,
                             weight_decay=args.weight_decay)
     model_s = nn.parallel.DistributedDataParallel(student) if world > 1 else student
@@ -165,9 +163,10 @@ def check(path, cli, table, notes):
         ref_opt.step()
         grads = mapped_grads(ref.named_parameters(), model_key)
         torch.manual_seed(step)
-        loss = decon.train_step(([v.clone() for v in views], boxes.clone(), flips.clone()), model_s, teacher, predictors,
-                                centers, params_t, params_s, m_schedule[step], optimizer,
-                                torch.amp.GradScaler("cpu", enabled=False), weights, args, None, torch.device("cpu"))
+        state = decon.State(model_s, teacher, predictors, centers, decon.head_weights(args, n_heads),
+                            decon.group_weights(args, n_heads), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                            None, torch.device("cpu"))
+        loss = decon.train_step(([v.clone() for v in views], boxes.clone(), flips.clone()), state, m_schedule[step], args)
         table.add(f"step {i + 1}: loss", loss_ref.detach(), loss[0])
         table.add(f"step {i + 1}: encoder head loss", logs["encoder_loss"].detach(), loss[1])
         table.add(f"step {i + 1}: decoder head loss{' (mean of P2-P5)' if DEEP_SUPERVISION else '' if FCN else ' (P2)'}",

@@ -93,8 +93,6 @@ def check(path, cli, table, notes):
     mine = nn.ModuleDict({"student": student, "teacher": teacher, "predictors": predictors})
     load_mapped(mine, ref.state_dict(), model_key)
     centers = [ref.center.view(-1).clone()]
-    weights = decon.head_weights(args, 1)
-    params_s, params_t = list(student.parameters()), list(teacher.parameters())
     optimizer = common.LARS(common.lars_param_groups(nn.ModuleList([student, predictors])), lr=args.scaled_lr,
                             weight_decay=args.weight_decay)
     model_s = nn.parallel.DistributedDataParallel(student) if world > 1 else student
@@ -125,9 +123,9 @@ def check(path, cli, table, notes):
         scheduler.step()
         for g in optimizer.param_groups:
             g["lr"] = lr_schedule[step]
-        loss = decon.train_step(([v.clone() for v in views], boxes.clone(), flips.clone()), model_s, teacher, predictors,
-                                centers, params_t, params_s, m_schedule[step], optimizer,
-                                torch.amp.GradScaler("cpu", enabled=False), weights, args, None, torch.device("cpu"))
+        state = decon.State(model_s, teacher, predictors, centers, decon.head_weights(args, 1), decon.group_weights(args, 1),
+                            optimizer, torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+        loss = decon.train_step(([v.clone() for v in views], boxes.clone(), flips.clone()), state, m_schedule[step], args)
         table.add(f"step {i + 1}: loss", loss_ref.detach(), loss[0])
         my_grads = {f"student.{n}": p.grad for n, p in student.named_parameters() if p.grad is not None}
         my_grads.update({f"predictors.{n}": p.grad for n, p in predictors.named_parameters() if p.grad is not None})
