@@ -54,7 +54,7 @@ def configs(args):
                                      "4", "--out-dim", "128", "--patch-size", "8"],
                            "decon": ["--dim-hidden", "64", "--dim-out", "32", "--num-prototypes", "16"],
                            "moco": ["--queue-size", "256"], "densecl": ["--queue-size", "256"],
-                           "mcl": ["--head-windows", "used"]})
+                           "mcl": ["--head-windows", "scored"]})
     return dict(arch="resnet50", vit="vit_small", image_size=224, batch=64, steps=10, warmup=3, check_steps=3, images=1024,
                 workers=args.workers, extra={})
 

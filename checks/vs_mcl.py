@@ -140,8 +140,8 @@ def check(path, cli, table, notes):
     target = mcl.Online(arch).requires_grad_(False)
     mine = nn.ModuleDict({"student": student, "target": target})
     load_mapped(mine, ref.state_dict(), model_key)
-    params_o, params_t = list(student.online.parameters()), list(target.parameters())
-    optimizer = common.LARS(mcl.lars_param_groups(student), lr=args.scaled_lr, weight_decay=args.weight_decay,
+
+    optimizer = common.LARS(mcl.official_param_groups(student), lr=args.scaled_lr, weight_decay=args.weight_decay,
                             form="openselfsup")
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     level_weights = torch.tensor(args.level_weights)
@@ -182,9 +182,9 @@ def check(path, cli, table, notes):
 
         torch.randperm = replayed_randperm
         try:
-            loss = mcl.train_step([c.clone() for c in crops], model, target, params_t, params_o, m_schedule[step],
-                                  optimizer, torch.amp.GradScaler("cpu", enabled=False), level_weights, args, None,
-                                  torch.device("cpu"))
+            state = mcl.State(model, target, student.online, level_weights, optimizer,
+                              torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+            loss = mcl.train_step([c.clone() for c in crops], state, m_schedule[step], args)
         finally:
             torch.randperm = randperm
         table.add(f"step {step + 1}: loss", ref_loss.detach(), loss[0])

@@ -113,7 +113,7 @@ def test_online_forward_is_the_official_one_per_branch_and_level():
 
 def test_head_on_used_windows_only_sees_its_own_level():
     torch.manual_seed(0)
-    online = mcl.Online("resnet18", head_windows="used").train()
+    online = mcl.Online("resnet18", head_windows="scored").train()
     views = [torch.randn(32, 3, 64, 64) for _ in range(4)]
     c, plan, _ = mcl.build_montages(views, [32, 8, 2, 1], "nearest")
     out = online(c, plan)
@@ -196,7 +196,7 @@ def test_labels_are_offset_by_rank(tmp_path):
 def test_official_lars_form_and_parameter_groups():
     torch.manual_seed(0)
     student = mcl.Student("resnet18")
-    groups = mcl.lars_param_groups(student)
+    groups = mcl.official_param_groups(student)
     names = {id(p): n for n, p in student.named_parameters()}
     excluded = {names[id(p)] for p in groups[1]["params"]}
     assert "online.encoder.bn1.weight" in excluded and "online.fpn.lateral.0.1.weight" in excluded

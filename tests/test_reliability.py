@@ -23,7 +23,7 @@ RUNS = {
     "densecl": [*TINY, "--bn-splits", "2", "--queue-size", "64"],
     "decon": [*TINY, "--dim-hidden", "64"],
     "mcl": ["--arch", "resnet18", "--image-size", "32", "--batch-size", "32", "--synthetic-len", "64", "--workers", "0",
-            "--log-every", "1", "--head-windows", "used"],  # the cheaper head path: the same resume machinery
+            "--log-every", "1", "--head-windows", "scored"],  # the cheaper head path: the same resume machinery
     "adclr": ["--arch", "vit_micro", "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--num-queries",
               "4", "--out-dim", "128", "--synthetic-len", "32", "--batch-size", "8", "--workers", "0", "--log-every", "1"],
 }
