@@ -55,10 +55,17 @@ Deviations from the official code:
   --amp fp16); the losses are computed in fp32 outside autocast.
 - --gpu-augment (off by default): the eight crops on the device (EightCropViews), the
   same distribution, not the same pixels.
+- The target runs the P5 path only (Online.forward_p5), the official target the whole network:
+  its BatchNorm running statistics of P2-P4 and of its region head then differ from the official
+  ones. Nothing reads them (the target normalises with batch statistics, the EMA covers parameters,
+  the target is not exported), and the loss, gradients and weights are the official ones.
 
-Checked against the official code (tests/test_mcl.py runs a re-statement of its forward on the same
-weights and inputs): the online network runs once per branch and the region head and predictors
-once per (branch, level), so every BatchNorm sees the batches the official code gives it; by default the head embeds
+Checked against the official code (checks/official.py mcl runs it beside the official code;
+tests/test_mcl.py a re-statement of its forward on the same weights and inputs): the online network
+runs once per branch, the region head once per FPN map, P2 first, and the predictors once per
+(branch, level), so every BatchNorm of the online network sees the batches the official code gives
+it, in its order (the target's BatchNorm statistics of P2-P4 and its region head are the one
+difference: they are never used, see below); by default the head embeds
 *every* window of every montage at each FPN map, as the official neck does, and the scored ones are
 sliced out. The target runs once per branch on all of that branch's montages (its BatchNorm sees
 them all), through the P5 path only: it uses nothing else. Tiles are shrunk with F.interpolate's
