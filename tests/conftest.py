@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow first: pytest-xdist hands tests out in collection order, so a long one
+    collected late would run alone at the end and set the suite's time on 2 cores."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: the rest keep their order
 sys.path.insert(0, str(REPO))
 
 # Small settings that make any pre-training script take a few seconds on a CPU.

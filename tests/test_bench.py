@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks import quality as bench_quality
@@ -55,6 +56,7 @@ def test_mono_tiers_reach_every_dataset_the_runs_build(tmp_path):
         assert grey(pixels(*train.dataset[(0, 0)])) == grey(pixels(*val.dataset[0])) == (style == "mono")
 
 
+@pytest.mark.slow
 def test_quality_pipeline_at_toy_size_reports_what_the_runs_measured(tmp_path):
     """The whole pipeline (floor, ceiling, one method with its learning curve, the probes, the table)
     at a toy size; every number of quality.json and of the table is a probe's metrics.json."""

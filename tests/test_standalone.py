@@ -1,5 +1,7 @@
 """Each method file, copied with common.py alone into an empty folder, is the whole method: --help
-works and a tiny run trains, with and without --gpu-augment (users copy these two files)."""
+works and a tiny run trains (users copy these two files). The run takes --gpu-augment, the path that
+reads the most of common.py (decoding, then the device pipelines); the CPU pipelines run in every
+other test, and tests/test_amp.py runs --gpu-augment for every method in the repository too."""
 import shutil
 
 import pytest
@@ -18,15 +20,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("gpu_augment", [False, True], ids=["cpu-augment", "gpu-augment"])
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_method_file_and_common_alone_in_an_empty_folder(tmp_path, script, gpu_augment):
+def test_method_file_and_common_alone_in_an_empty_folder(tmp_path, script):
     for f in (script, "common.py"):
         shutil.copy(REPO / f, tmp_path / f)
     env = {"PYTHONPATH": ""}  # nothing of the repository but the two files
     assert "--gpu-augment" in python(script, "--help", cwd=tmp_path, env=env)
-    flags = ["--gpu-augment"] if gpu_augment else []
-    python(script, *CASES[script], *flags, "--max-steps", "1", "--output-dir", "out", cwd=tmp_path, env=env)
+    python(script, *CASES[script], "--gpu-augment", "--max-steps", "1", "--output-dir", "out", cwd=tmp_path, env=env)
     ckpt = common.load_checkpoint(tmp_path / "out" / "checkpoint.pth")
-    assert ckpt["step"] == 1 and ckpt["args"]["gpu_augment"] is gpu_augment
+    assert ckpt["step"] == 1 and ckpt["args"]["gpu_augment"] is True
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == sorted([script, "common.py"])
