@@ -275,7 +275,8 @@ def query_mask(num_image_tokens, num_queries, t, see_each_other, device):
 
 
 def with_queries(vit, images, q_tokens, mask):
-    """The ViT on images (B, 3, H, W) with query tokens (B, Q·t, D) appended: [CLS | patches | queries].
+    """The ViT on images (B, 3, H, W) with query tokens (B, Q·t, D) appended: [CLS | patches | queries]
+    (common.ViT.forward's steps, with the append and the mask: keep the two in step).
     The positional embedding is added to the image tokens before the queries are appended, so a query
     has none; `mask` (L, L) keeps the image tokens blind to the queries. Returns (B, 1 + N + Q·t, D)."""
     h, w = images.shape[-2] // vit.patch_size, images.shape[-1] // vit.patch_size
@@ -343,11 +344,12 @@ def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
 
 @common.fp32
 def query_loss(student_q, teacher_q, center, student_temp, teacher_temp):
-    """ADCLR's query loss. student_q: (2, B, Q, K), the student's query outputs in each global view.
-    teacher_q: (2, B, Q, K) cross-view: the student's i-th query in view A against the teacher's
-    i-th query in view B (A != B); or (B, Q, K) with --query-target alone: one target per query for
-    both views. center: (K,)."""
-    s = F.log_softmax(student_q / student_temp, dim=-1)  # (2, B, Q, K)
+    """ADCLR's query loss, token by token (Q·t tokens: t per query crop, 1 by default).
+    student_q: (2, B, Q·t, K), the student's query outputs in each global view. teacher_q: (2, B,
+    Q·t, K) cross-view: the student's i-th query token in view A against the teacher's i-th in view
+    B (A != B); or (B, Q·t, K) with --query-target alone: one target per token for both views.
+    center: (K,)."""
+    s = F.log_softmax(student_q / student_temp, dim=-1)  # (2, B, Q·t, K)
     t = F.softmax((teacher_q - center) / teacher_temp, dim=-1)
     if t.ndim == 3:
         return -torch.einsum("bqk,vbqk->", t, s) / s[..., 0].numel()
@@ -485,6 +487,8 @@ def main(argv=None):
     if loop.checkpoint is not None:  # resumed: the centers too
         centers.copy_(loop.checkpoint["centers"])
     model_s = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    # centers[0] and centers[1] are views of `centers`: update_center writes them in place, so the
+    # checkpoint's (2, K) tensor always holds both.
     s = State(torch.compile(model_s) if args.compile else model_s, teacher, centers[0], centers[1], optimizer, scaler,
               dtype, device)
 

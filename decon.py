@@ -25,7 +25,7 @@ directions (A, B) = (1, 2) and (2, 1) summed:
     levels for each decoder head: DeCon-SL [0.5, 0.5], DeCon-ML [0.5, 0.125, 0.125, 0.125, 0.125],
     --decoder none [1]; w_h = 0.5 (--group-loss-weight; --decoder-group-loss-weight for the decoder
     heads, default the same); tau = 0.2 (--slot-temp), student / teacher temperatures 0.1 / 0.07.
-    alpha_h and w_h are computed once in main() (loss_weights) and carried by the step's State.
+    alpha_h and w_h are computed once in main() (head_weights, group_weights) and carried by the step's State.
 
 The modules:
     student    encoder (+ decoder), and per head a projector and K prototypes   trained by the gradient
@@ -133,7 +133,8 @@ def get_args(argv=None):
     args.output_dir = args.output_dir or common.default_output_dir("decon", args.data)
     common.check_args(p, args, positive=("lr", "dim_hidden", "dim_out", "num_prototypes", "decoder_num_prototypes",
                                          "student_temp", "teacher_temp", "slot_temp", "fcn_channels"),
-                      non_negative=("weight_decay", "warmup_epochs", "skip_dropout", "skip_channel_dropout"))
+                      non_negative=("weight_decay", "warmup_epochs", "skip_dropout", "skip_channel_dropout",
+                                    "encoder_loss_weight", "group_loss_weight", "decoder_group_loss_weight"))
     common.check_image_size(p, args, dense=True)
     if args.skip_channel_dropout > 0 and args.skip_dropout > 0:
         p.error("--skip-channel-dropout and --skip-dropout are mutually exclusive")
@@ -509,7 +510,7 @@ class State(NamedTuple):
 def train_step(batch, s, momentum, args):
     """One DeCon iteration at teacher EMA `momentum`: the EMA update, student and teacher on both
     views (autocast), the fp32 head losses (which update the centers), the optimizer step. Returns
-    the total loss and one per head, (1 + H,) (no host sync)."""
+    the total loss and one per head, (1 + H,). Host syncs: slot_loss's valid-slot counts only."""
     memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format
     ema_update(list(s.teacher.parameters()), list(s.student.parameters()), momentum)  # before the teacher's forward (SlotCon)
     views, boxes, flips = batch  # the overlap boxes and flips come from TwoCropsWithOverlap (Data)

@@ -328,9 +328,9 @@ class State(NamedTuple):
 
 
 def train_step(views, s, step, args):
-    """One DenseCL iteration: EMA update, both views through both encoders, the matching, the global
-    and dense InfoNCE, an optimizer step, both queues pushed. Returns (total, global, dense) loss
-    tensors (no host sync)."""
+    """One DenseCL iteration: EMA update, the query view through the query encoder and the key view
+    through the key encoder, the matching, the global and dense InfoNCE, an optimizer step, both
+    queues pushed. Returns (total, global, dense) loss tensors (no host sync)."""
     # The dense loss is off for the first --dense-warmup-iters steps (the official loss_lambda warm-up).
     loss_lambda = 0.0 if step < args.dense_warmup_iters else args.loss_lambda
     memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format

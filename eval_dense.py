@@ -636,6 +636,7 @@ def main(argv=None):
         model.backbone.requires_grad_(False).eval()
     else:  # the papers' detectron2/mmsegmentation configs use SyncBN (under torchrun on CUDA)
         model = common.sync_batchnorm(model, True)
+    common.seed_everything(args.seed + rank)  # the same weights on every rank; from here each draws its own dropout
     common.print0(f"eval_dense | {args.task} ({args.head if args.task == 'finetune' else 'linear'}) | init "
                   f"{args.init} ({meta.get('method')}, {arch}) | {args.data}: {num_classes} classes, "
                   f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val | "

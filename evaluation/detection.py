@@ -553,6 +553,7 @@ def run(args):
     model = build(args, arch, num_classes, backbone_state, meta).to(device)
     model = common.sync_batchnorm(model, True)  # SyncBN in backbone, FPN and heads under torchrun on CUDA
     model = autocast_networks(model, device, dtype)  # --amp bf16 / fp16: the networks only, boxes in fp32
+    common.seed_everything(args.seed + rank)  # the same weights on every rank; from here each samples its own RoIs
     common.print0(f"eval_dense | {args.task} ({args.detector.upper()}) | init {args.init} ({meta.get('method')}, {arch}) | {args.data}: "
                   f"{num_classes - 1} classes, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val | "
                   f"{args.iters} iters, batch {args.batch_size}, lr {args.lr:g}, steps {list(args.steps)} | device {device}")
