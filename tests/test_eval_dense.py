@@ -12,7 +12,7 @@ from PIL import Image
 
 import common
 import eval_dense as ev
-from evaluation import seg_data
+from evaluation import probe, seg_data
 from conftest import REPO, python
 
 
@@ -216,7 +216,7 @@ def test_cached_probe_upsampling_is_f_interpolate(size_in, size_out):
     # The cached probe upsamples its logits with two matmuls (faster backward on a CPU): the same
     # values and gradients as the bilinear F.interpolate the validation uses, up- and downsampling.
     x = torch.randn(3, 9, *size_in, dtype=torch.float64, requires_grad=True)
-    rows, cols = (ev.bilinear_matrix(n, N, dtype=torch.float64) for n, N in zip(size_in, size_out))
+    rows, cols = (probe.bilinear_matrix(n, N, dtype=torch.float64) for n, N in zip(size_in, size_out))
     ours = torch.einsum("Hh,bchw,Ww->bcHW", rows, x, cols)
     ref = torch.nn.functional.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
